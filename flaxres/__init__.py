@@ -1,0 +1,17 @@
+"""flaxres: the ResNet family in JAX/Flax NNX, numerically equal to the PyTorch references."""
+
+from flaxres.models import BasicBlock, BatchNorm, Bottleneck, PadShortcut, ResNet
+from flaxres.registry import (
+    cifar_resnet,
+    count_params,
+    create_model,
+    imagenet_resnet,
+    list_models,
+    register,
+    resnext,
+)
+
+__all__ = [
+    "BasicBlock", "BatchNorm", "Bottleneck", "PadShortcut", "ResNet", "cifar_resnet",
+    "count_params", "create_model", "imagenet_resnet", "list_models", "register", "resnext",
+]

@@ -1,0 +1,259 @@
+"""The ResNet family in Flax NNX, laid out like torchvision's ``models/resnet.py``.
+
+Attribute names follow the PyTorch modules one to one (``conv1``, ``bn1``, ``layer1[0].conv2``,
+``downsample[0]``, ``fc``) so that :mod:`flaxres.convert` can derive the weight mapping from the
+module tree alone. Everything is NHWC; kernels are HWIO.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Shortcut = Literal["A", "B", "C"] | None
+Stem = Literal["cifar", "imagenet"]
+
+# PyTorch's init: Kaiming-normal (fan_out, ReLU gain) for convs as torchvision does; nn.Linear's
+# default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the classifier weight and bias.
+conv_kernel_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+linear_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _uniform_bias_init(fan_in: int):
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm with PyTorch's semantics, so that train-mode runs match ``nn.BatchNorm2d``.
+
+    Differs from ``nnx.BatchNorm`` in two ways that matter for parity: ``momentum`` is PyTorch's
+    (weight of the *new* batch statistic, default 0.1), and the running variance is updated with
+    the unbiased batch variance (n / (n-1)) while normalisation uses the biased one. Statistics are
+    computed in fp32 whatever the compute dtype. Under ``jax.jit`` with a batch-sharded input the
+    means are over the global batch, as in a single-device PyTorch run.
+    """
+
+    def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
+                 dtype: jnp.dtype | None = None, use_running_average: bool = False):
+        self.num_features = num_features
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.use_running_average = use_running_average
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_dtype = self.dtype or x.dtype
+        x32 = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = x32.mean(axes)
+            var = jnp.square(x32 - mean).mean(axes)
+            n = math.prod(x.shape[:-1])
+            m = self.momentum
+            self.mean[...] = (1 - m) * self.mean[...] + m * mean
+            self.var[...] = (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))
+        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+        return ((x32 - mean) * inv + self.bias[...]).astype(out_dtype)
+
+
+class _Layers:
+    """Builds conv / norm layers with one dtype, norm choice and RNG stream for a whole net."""
+
+    def __init__(self, *, norm: bool, bn_momentum: float, bn_eps: float, dtype, rngs: nnx.Rngs):
+        self.norm, self.bn_momentum, self.bn_eps = norm, bn_momentum, bn_eps
+        self.dtype, self.rngs = dtype, rngs
+
+    def conv(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
+             bias: bool | None = None) -> nnx.Conv:
+        # Symmetric padding k // 2 as PyTorch's padding=k//2; 'SAME' would pad asymmetrically at
+        # stride 2. Without BatchNorm the conv carries a bias, as the no-BN PyTorch reference does.
+        use_bias = (not self.norm) if bias is None else bias
+        p = k // 2
+        return nnx.Conv(cin, cout, (k, k), (stride, stride), padding=((p, p), (p, p)),
+                        feature_group_count=groups, use_bias=use_bias, dtype=self.dtype,
+                        kernel_init=conv_kernel_init,
+                        bias_init=_uniform_bias_init(cin // groups * k * k), rngs=self.rngs)
+
+    def bn(self, features: int) -> BatchNorm | None:
+        if not self.norm:
+            return None
+        return BatchNorm(features, momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype)
+
+    def linear(self, cin: int, cout: int) -> nnx.Linear:
+        return nnx.Linear(cin, cout, dtype=self.dtype, kernel_init=linear_kernel_init,
+                          bias_init=_uniform_bias_init(cin), rngs=self.rngs)
+
+
+def _maybe(layer, x: jax.Array) -> jax.Array:
+    return x if layer is None else layer(x)
+
+
+class PadShortcut(nnx.Module):
+    """Option A: parameter-free shortcut, stride-s subsampling and zero channel padding.
+
+    Pads ``(cout - cin) // 2`` zero channels on each side, exactly as akamaster's
+    ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4))``.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        self.cin, self.cout, self.stride = cin, cout, stride
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x[:, :: self.stride, :: self.stride, :]
+        lo = (self.cout - self.cin) // 2
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (lo, self.cout - self.cin - lo)))
+
+
+def _make_shortcut(L: _Layers, kind: Shortcut, cin: int, cout: int, stride: int):
+    """Returns ``(pad_shortcut, downsample)``; both None means identity (or no shortcut)."""
+    reshapes = stride != 1 or cin != cout
+    if kind == "A" and reshapes:
+        return PadShortcut(cin, cout, stride), None
+    if kind == "C" or (kind == "B" and reshapes):
+        conv = L.conv(cin, cout, 1, stride)
+        bn = L.bn(cout)
+        return None, nnx.Sequential(*([conv] if bn is None else [conv, bn]))
+    return None, None
+
+
+class BasicBlock(nnx.Module):
+    """Two 3x3 convs (ResNet-18/34 and the CIFAR ResNets)."""
+
+    expansion = 1
+
+    def __init__(self, L: _Layers, cin: int, planes: int, stride: int = 1, *,
+                 shortcut: Shortcut = "B", groups: int = 1, base_width: int = 64):
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock supports only groups=1 and base_width=64 (as torchvision)")
+        self.conv1 = L.conv(cin, planes, 3, stride)
+        self.bn1 = L.bn(planes)
+        self.conv2 = L.conv(planes, planes, 3)
+        self.bn2 = L.bn(planes)
+        self.has_shortcut = shortcut is not None
+        self.pad_shortcut, self.downsample = _make_shortcut(L, shortcut, cin, planes, stride)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = nnx.relu(_maybe(self.bn1, self.conv1(x)))
+        out = _maybe(self.bn2, self.conv2(out))
+        return nnx.relu(out + self._shortcut(x)) if self.has_shortcut else nnx.relu(out)
+
+    def _shortcut(self, x: jax.Array) -> jax.Array:
+        if self.downsample is not None:
+            return self.downsample(x)
+        return _maybe(self.pad_shortcut, x)
+
+
+class Bottleneck(BasicBlock):
+    """1x1 reduce, 3x3 (stride and groups here, torchvision's "v1.5"), 1x1 expand x4.
+
+    ResNeXt is this block with ``groups`` (cardinality) and ``base_width`` (width per group).
+    """
+
+    expansion = 4
+
+    def __init__(self, L: _Layers, cin: int, planes: int, stride: int = 1, *,
+                 shortcut: Shortcut = "B", groups: int = 1, base_width: int = 64):
+        width = int(planes * (base_width / 64.0)) * groups
+        cout = planes * self.expansion
+        self.conv1 = L.conv(cin, width, 1)
+        self.bn1 = L.bn(width)
+        self.conv2 = L.conv(width, width, 3, stride, groups)
+        self.bn2 = L.bn(width)
+        self.conv3 = L.conv(width, cout, 1)
+        self.bn3 = L.bn(cout)
+        self.has_shortcut = shortcut is not None
+        self.pad_shortcut, self.downsample = _make_shortcut(L, shortcut, cin, cout, stride)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = nnx.relu(_maybe(self.bn1, self.conv1(x)))
+        out = nnx.relu(_maybe(self.bn2, self.conv2(out)))
+        out = _maybe(self.bn3, self.conv3(out))
+        return nnx.relu(out + self._shortcut(x)) if self.has_shortcut else nnx.relu(out)
+
+
+class ResNet(nnx.Module):
+    """Stem, stages of blocks (first stage stride 1, the others stride 2), global pool, fc.
+
+    Args:
+      block: ``BasicBlock`` or ``Bottleneck``.
+      layers: blocks per stage, e.g. ``(3, 3, 3)`` for ResNet-20, ``(3, 4, 6, 3)`` for ResNet-50.
+      widths: planes per stage (block output is ``planes * block.expansion``).
+      stem: ``"cifar"`` (3x3 conv, stride 1) or ``"imagenet"`` (7x7/2 conv + 3x3/2 max-pool).
+      stem_width: channels after the stem.
+      shortcut: ``"A"`` zero-pad, ``"B"`` projection where the shape changes, ``"C"`` projection
+        everywhere, ``None`` for a plain net without shortcuts.
+      norm: ``False`` drops every BatchNorm (convs then carry biases), for the degradation study.
+      groups, width_per_group: ResNeXt cardinality and bottleneck width.
+      dtype: computation dtype (``jnp.float32`` or ``jnp.bfloat16``); parameters stay fp32.
+      bn_momentum, bn_eps: PyTorch conventions (new = (1 - m) * old + m * batch).
+    """
+
+    def __init__(self, block: type[BasicBlock], layers: Sequence[int], widths: Sequence[int], *,
+                 num_classes: int = 10, stem: Stem = "cifar", stem_width: int = 16,
+                 shortcut: Shortcut = "A", norm: bool = True, groups: int = 1,
+                 width_per_group: int = 64, in_channels: int = 3, dtype=jnp.float32,
+                 bn_momentum: float = 0.1, bn_eps: float = 1e-5, rngs: nnx.Rngs):
+        if shortcut not in ("A", "B", "C", None):
+            raise ValueError(f"shortcut must be 'A', 'B', 'C' or None (plain net), got {shortcut!r}")
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        L = _Layers(norm=norm, bn_momentum=bn_momentum, bn_eps=bn_eps, dtype=dtype, rngs=rngs)
+        self.in_channels, self.stem, self.dtype = in_channels, stem, dtype
+        k = 7 if stem == "imagenet" else 3
+        self.conv1 = L.conv(in_channels, stem_width, k, 2 if stem == "imagenet" else 1)
+        self.bn1 = L.bn(stem_width)
+        cin = stem_width
+        for i, (n, planes) in enumerate(zip(layers, widths, strict=True)):
+            stage = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                stage.append(block(L, cin, planes, stride, shortcut=shortcut, groups=groups,
+                                   base_width=width_per_group))
+                cin = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nnx.List(stage))
+        self.num_stages = len(layers)
+        self.num_features = cin
+        self.fc = L.linear(cin, num_classes)
+
+    def stages(self) -> list[nnx.List]:
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+
+    def check_input(self, x: jax.Array) -> None:
+        """Fails with the expected NHWC shape before XLA sees a malformed input."""
+        if x.ndim != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"expected an NHWC batch of shape (N, H, W, {self.in_channels}), got shape "
+                f"{tuple(x.shape)}; PyTorch's NCHW arrays need x.transpose(0, 2, 3, 1)")
+        min_hw = 2 ** (self.num_stages - 1) * (4 if self.stem == "imagenet" else 1)
+        if x.shape[1] < min_hw or x.shape[2] < min_hw:
+            raise ValueError(f"input spatial size {x.shape[1:3]} is too small: this net "
+                             f"downsamples by {min_hw}; use at least {min_hw}x{min_hw}")
+
+    def features(self, x: jax.Array) -> list[jax.Array]:
+        """Stem output and each stage's output, for per-stage parity checks."""
+        self.check_input(x)
+        x = nnx.relu(_maybe(self.bn1, self.conv1(x.astype(self.dtype))))
+        if self.stem == "imagenet":
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        outs = [x]
+        for stage in self.stages():
+            for blk in stage:
+                x = blk(x)
+            outs.append(x)
+        return outs
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.features(x)[-1]
+        return self.fc(x.mean(axis=(1, 2))).astype(jnp.float32)

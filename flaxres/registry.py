@@ -1,0 +1,120 @@
+"""One registry of named architectures: ``create_model(name)`` and ``list_models()`` (as in timm)."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from flaxres.models import BasicBlock, Bottleneck, ResNet
+
+_REGISTRY: dict[str, Callable[..., ResNet]] = {}
+
+CIFAR_WIDTHS = (16, 32, 64)
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+IMAGENET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
+                   152: (3, 8, 36, 3)}
+
+
+def register(name: str, builder: Callable[..., ResNet], **defaults: Any) -> None:
+    _REGISTRY[name] = functools.partial(builder, **defaults)
+
+
+def cifar_resnet(depth: int, *, bottleneck: bool = False, **kwargs: Any) -> ResNet:
+    """He et al. 2016's CIFAR ResNet: 3 stages of 16-32-64 planes, depth 6n+2 (or 9n+2 bottleneck).
+
+    BasicBlock nets use the paper's option A shortcut by default (as akamaster's reference);
+    bottleneck nets use projections (option B) since their first block changes 16 -> 64 channels.
+    """
+    per_block = 9 if bottleneck else 6
+    if depth < per_block + 2 or (depth - 2) % per_block:
+        kind = "Bottleneck: 9n+2, e.g. 11, 29, 56, 164" if bottleneck else "BasicBlock: 6n+2, e.g. 8, 20, 56, 110"
+        raise ValueError(f"a CIFAR ResNet of depth {depth} does not exist ({kind})")
+    n = (depth - 2) // per_block
+    kwargs.setdefault("shortcut", "B" if bottleneck else "A")
+    block = Bottleneck if bottleneck else BasicBlock
+    return ResNet(block, (n, n, n), CIFAR_WIDTHS, stem="cifar", stem_width=16, **kwargs)
+
+
+def imagenet_resnet(depth: int, *, stem: str = "imagenet", **kwargs: Any) -> ResNet:
+    """torchvision's ResNet-18..152 (option B shortcuts); ``stem="cifar"`` gives the popular CIFAR
+    variant (3x3 stride-1 stem, no max-pool, 64-128-256-512 widths) of kuangliu/pytorch-cifar."""
+    if depth not in IMAGENET_LAYERS:
+        raise ValueError(f"ImageNet-layout ResNet depth {depth} does not exist; "
+                         f"choose one of {sorted(IMAGENET_LAYERS)}")
+    block = BasicBlock if depth < 50 else Bottleneck
+    kwargs.setdefault("shortcut", "B")
+    return ResNet(block, IMAGENET_LAYERS[depth], IMAGENET_WIDTHS, stem=stem, stem_width=64,
+                  **kwargs)
+
+
+def resnext(layers: tuple[int, ...], groups: int, width_per_group: int, *, stem: str = "imagenet",
+            **kwargs: Any) -> ResNet:
+    """ResNeXt = Bottleneck with grouped 3x3 convs. The CIFAR form (ResNeXt-29 of Xie et al.) has
+    a 3x3 64-channel stem, three stages of 64-128-256 planes (256-512-1024 outputs)."""
+    widths = IMAGENET_WIDTHS[: len(layers)]
+    kwargs.setdefault("shortcut", "B")
+    return ResNet(Bottleneck, layers, widths, stem=stem, stem_width=64, groups=groups,
+                  width_per_group=width_per_group, **kwargs)
+
+
+for _d in (20, 32, 44, 56, 110, 1202):
+    register(f"resnet{_d}", cifar_resnet, depth=_d)
+for _d in (20, 32, 44, 56, 110):
+    register(f"plain{_d}", cifar_resnet, depth=_d, shortcut=None)
+register("resnet164", cifar_resnet, depth=164, bottleneck=True)
+for _d in IMAGENET_LAYERS:
+    register(f"resnet{_d}", imagenet_resnet, depth=_d)
+    register(f"resnet{_d}_cifar", imagenet_resnet, depth=_d, stem="cifar")
+register("resnext50_32x4d", resnext, layers=(3, 4, 6, 3), groups=32, width_per_group=4)
+register("resnext101_32x8d", resnext, layers=(3, 4, 23, 3), groups=32, width_per_group=8)
+register("resnext29_8x64d", resnext, layers=(3, 3, 3), groups=8, width_per_group=64, stem="cifar")
+register("resnext29_16x64d", resnext, layers=(3, 3, 3), groups=16, width_per_group=64,
+         stem="cifar")
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered names, optionally filtered by a regular expression (``list_models("resnext")``)."""
+    names = sorted(_REGISTRY, key=_natural_key)
+    return [n for n in names if pattern is None or re.search(pattern, n)]
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _unknown_name_error(name: str) -> ValueError:
+    m = re.fullmatch(r"(resnet|plain)(\d+)", name)
+    if m:
+        depth = int(m.group(2))
+        return ValueError(
+            f"unknown model {name!r}: depth {depth} is not available. CIFAR ResNets have depth "
+            "6n+2 with BasicBlocks (8, 14, 20, 26, 32, ...) or 9n+2 with Bottlenecks (11, 20, 29, "
+            "..., 164); ImageNet-layout ResNets have depth 18, 34, 50, 101 or 152. Registered: "
+            f"{', '.join(list_models('^' + m.group(1)))}. Build another valid CIFAR depth with "
+            f"flaxres.cifar_resnet({depth}, bottleneck=...).")
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown model {name!r}.{hint} flaxres.list_models() lists all "
+                      f"{len(_REGISTRY)} names.")
+
+
+def create_model(name: str, *, num_classes: int = 10, seed: int = 0, **overrides: Any) -> ResNet:
+    """Builds a registered architecture with fresh PyTorch-style initial weights.
+
+    ``overrides`` go to :class:`flaxres.models.ResNet`, e.g. ``shortcut="B"``, ``norm=False``,
+    ``dtype=jnp.bfloat16``.
+    """
+    if name not in _REGISTRY:
+        raise _unknown_name_error(name)
+    return _REGISTRY[name](num_classes=num_classes, rngs=nnx.Rngs(seed), **overrides)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Trainable parameters (BatchNorm running statistics excluded, as PyTorch's numel count)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
