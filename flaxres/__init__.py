@@ -7,11 +7,12 @@ from flaxres.registry import (
     create_model,
     imagenet_resnet,
     list_models,
+    model_stem,
     register,
     resnext,
 )
 
 __all__ = [
     "BasicBlock", "BatchNorm", "Bottleneck", "PadShortcut", "ResNet", "cifar_resnet",
-    "count_params", "create_model", "imagenet_resnet", "list_models", "register", "resnext",
+    "count_params", "create_model", "imagenet_resnet", "list_models", "model_stem", "register", "resnext",
 ]

@@ -69,10 +69,12 @@ for _d in (20, 32, 44, 56, 110):
     register(f"plain{_d}", cifar_resnet, depth=_d, shortcut=None)
 register("resnet164", cifar_resnet, depth=164, bottleneck=True)
 for _d in IMAGENET_LAYERS:
-    register(f"resnet{_d}", imagenet_resnet, depth=_d)
+    register(f"resnet{_d}", imagenet_resnet, depth=_d, stem="imagenet")
     register(f"resnet{_d}_cifar", imagenet_resnet, depth=_d, stem="cifar")
-register("resnext50_32x4d", resnext, layers=(3, 4, 6, 3), groups=32, width_per_group=4)
-register("resnext101_32x8d", resnext, layers=(3, 4, 23, 3), groups=32, width_per_group=8)
+register("resnext50_32x4d", resnext, layers=(3, 4, 6, 3), groups=32, width_per_group=4,
+         stem="imagenet")
+register("resnext101_32x8d", resnext, layers=(3, 4, 23, 3), groups=32, width_per_group=8,
+         stem="imagenet")
 register("resnext29_8x64d", resnext, layers=(3, 3, 3), groups=8, width_per_group=64, stem="cifar")
 register("resnext29_16x64d", resnext, layers=(3, 3, 3), groups=16, width_per_group=64,
          stem="cifar")
@@ -82,6 +84,13 @@ def list_models(pattern: str | None = None) -> list[str]:
     """Registered names, optionally filtered by a regular expression (``list_models("resnext")``)."""
     names = sorted(_REGISTRY, key=_natural_key)
     return [n for n in names if pattern is None or re.search(pattern, n)]
+
+
+def model_stem(name: str) -> str:
+    """``"imagenet"`` or ``"cifar"``: which input size the architecture was designed for."""
+    if name not in _REGISTRY:
+        raise _unknown_name_error(name)
+    return _REGISTRY[name].keywords.get("stem", "cifar")
 
 
 def _natural_key(name: str):

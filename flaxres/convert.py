@@ -1,0 +1,222 @@
+"""Weights both ways between flaxres models and PyTorch state dicts.
+
+The mapping is derived from the NNX module tree, not from per-architecture tables: each
+``nnx.Conv`` / ``nnx.Linear`` / BatchNorm found by ``nnx.iter_modules`` maps to the PyTorch module
+at the same dotted path (``nnx.List`` indices and ``nnx.Sequential`` layers become ``.0``), with
+kernel layouts HWIO <-> OIHW and (in, out) <-> (out, in). Any parameter or statistic outside those
+module types is an error, so a new layer type can never be skipped silently.
+
+CLI::
+
+    python -m flaxres.convert --arch resnet20 in.pth out_dir/          # PyTorch -> orbax
+    python -m flaxres.convert --arch resnet20 --to-torch out_dir/ back.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flaxres.models import BatchNorm
+
+_IGNORED_SUFFIX = ".num_batches_tracked"  # only used by PyTorch's momentum=None (cumulative) BN
+_LAYOUTS = {  # attr -> (torch name, layout)
+    nnx.Conv: {"kernel": ("weight", "conv"), "bias": ("bias", "")},
+    nnx.Linear: {"kernel": ("weight", "linear"), "bias": ("bias", "")},
+    BatchNorm: {"scale": ("weight", ""), "bias": ("bias", ""), "mean": ("running_mean", ""),
+                "var": ("running_var", "")},
+    nnx.BatchNorm: {"scale": ("weight", ""), "bias": ("bias", ""), "mean": ("running_mean", ""),
+                    "var": ("running_var", "")},
+}
+_TO_TORCH = {"conv": (3, 2, 0, 1), "linear": (1, 0)}  # HWIO -> OIHW, (in, out) -> (out, in)
+_FROM_TORCH = {"conv": (2, 3, 1, 0), "linear": (1, 0)}
+
+
+class ConversionError(ValueError):
+    """A state dict that does not fit the model: lists every missing/unexpected/mis-shaped key."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: str  # PyTorch state-dict key
+    path: tuple  # nnx state path
+    layout: str
+    var: nnx.Variable
+
+    def torch_shape(self) -> tuple[int, ...]:
+        shape = self.var.shape
+        return tuple(shape[i] for i in _TO_TORCH[self.layout]) if self.layout else tuple(shape)
+
+
+def _entries(module: nnx.Module) -> list[_Entry]:
+    modules = dict(nnx.iter_modules(module))
+    out = []
+    for path, m in modules.items():
+        layout = next((v for t, v in _LAYOUTS.items() if isinstance(m, t)), None)
+        if layout is None:
+            continue
+        parts = [str(p) for i, p in enumerate(path)  # nnx.Sequential keeps children in `.layers`
+                 if not (p == "layers" and isinstance(modules.get(path[:i]), nnx.Sequential))]
+        prefix = "".join(p + "." for p in parts)
+        for attr, (tname, kind) in layout.items():
+            var = getattr(m, attr, None)
+            if isinstance(var, nnx.Variable):
+                out.append(_Entry(prefix + tname, (*path, attr), kind, var))
+    covered = {e.path for e in out}
+    unknown = [p for p, _ in nnx.to_flat_state(nnx.state(module, nnx.Any(nnx.Param, nnx.BatchStat)))
+               if tuple(p) not in covered]
+    if unknown:
+        raise ConversionError("no PyTorch mapping for these variables (unsupported module type): "
+                              + ", ".join(".".join(map(str, p)) for p in unknown))
+    return out
+
+
+def named_arrays(module: nnx.Module, state: nnx.State | None = None) -> dict[str, np.ndarray]:
+    """The module's parameters and BN statistics under PyTorch names and layouts, as numpy.
+
+    With ``state`` (same structure as the module's state, e.g. gradients from ``jax.grad``) its
+    arrays are converted instead; paths missing from ``state`` are left out.
+    """
+    flat = None if state is None else {tuple(p): v for p, v in nnx.to_flat_state(state)}
+    out = {}
+    for e in _entries(module):
+        v = e.var if flat is None else flat.get(e.path)
+        if v is None:
+            continue
+        a = np.asarray(v[...] if isinstance(v, nnx.Variable) else v)
+        out[e.key] = np.ascontiguousarray(a.transpose(_TO_TORCH[e.layout]) if e.layout else a)
+    return out
+
+
+def to_torch(model: nnx.Module) -> dict[str, Any]:
+    """A state dict that the PyTorch reference loads with ``strict=True``.
+
+    ``num_batches_tracked`` is written as 0: flaxres does not count batches (PyTorch uses the count
+    only for ``momentum=None``).
+    """
+    import torch
+
+    sd: dict[str, Any] = {k: torch.from_numpy(v) for k, v in named_arrays(model).items()}
+    for key in [k for k in sd if k.endswith(".running_var")]:
+        sd[key.removesuffix("running_var") + "num_batches_tracked"] = torch.tensor(0)
+    return sd
+
+
+def load_state_dict(source: Any) -> dict[str, np.ndarray]:
+    """Flat ``{key: numpy array}`` from a path saved with ``torch.save``, an ``nn.Module``, a bare
+    state dict, or a checkpoint dict holding one under ``state_dict`` / ``model``; the
+    ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes are removed."""
+    if isinstance(source, (str, os.PathLike)):
+        import torch
+
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    if hasattr(source, "state_dict") and not isinstance(source, Mapping):
+        source = source.state_dict()
+    while isinstance(source, Mapping) and not any(_is_array(v) for v in source.values()):
+        inner = next((source[k] for k in ("state_dict", "model") if isinstance(source.get(k), Mapping)), None)
+        if inner is None:
+            raise ConversionError(f"no state dict found in a dict with keys {sorted(source)[:10]}")
+        source = inner
+    if not isinstance(source, Mapping):
+        raise ConversionError(f"cannot read a state dict from {type(source).__name__}")
+    sd = {str(k): v for k, v in source.items() if _is_array(v)}
+    for prefix in ("module.", "_orig_mod.", "module."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    return {k: _to_numpy(v) for k, v in sd.items()}
+
+
+def _is_array(v: Any) -> bool:
+    return isinstance(v, np.ndarray) or type(v).__name__ in ("Tensor", "Parameter")
+
+
+def _to_numpy(v: Any) -> np.ndarray:
+    if isinstance(v, np.ndarray):
+        return v
+    v = v.detach().cpu()
+    return (v.float() if v.is_floating_point() and v.element_size() < 4 else v).numpy()
+
+
+def from_torch(model: nnx.Module | str, source: Any, *, strict: bool = True) -> nnx.Module:
+    """Loads PyTorch weights into ``model`` in place and returns it.
+
+    ``model`` may be a registry name: the model is built with ``num_classes`` read from
+    ``fc.weight``. ``source`` is anything :func:`load_state_dict` reads. Mis-shaped keys always
+    fail; with ``strict`` missing and unexpected keys fail too (PyTorch's ``load_state_dict``
+    rules); all problems are reported in one :class:`ConversionError`.
+    """
+    sd = load_state_dict(source)
+    if isinstance(model, str):
+        from flaxres.registry import create_model
+
+        if "fc.weight" not in sd:
+            raise ConversionError(f"cannot infer num_classes for {model!r}: no 'fc.weight' key")
+        model = create_model(model, num_classes=int(sd["fc.weight"].shape[0]))
+    entries = _entries(model)
+    expected = {e.key: e for e in entries}
+    bn_prefixes = {e.key.removesuffix("running_var") for e in entries if e.key.endswith("running_var")}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected and not (
+        k.endswith(_IGNORED_SUFFIX) and k.removesuffix(_IGNORED_SUFFIX[1:]) in bn_prefixes)]
+    misshaped = [f"{k}: checkpoint {tuple(sd[k].shape)}, model {e.torch_shape()}"
+                 for k, e in expected.items() if k in sd and tuple(sd[k].shape) != e.torch_shape()]
+    problems = [(f"{len(v)} {n}", v) for n, v in
+                (("mis-shaped", misshaped), *((("missing", missing), ("unexpected", unexpected))
+                                              if strict else ())) if v]
+    if problems:
+        raise ConversionError(f"state dict does not fit {type(model).__name__}: " + "; ".join(
+            f"{head}: {', '.join(keys)}" for head, keys in problems))
+    for k, e in expected.items():
+        if k in sd:
+            a = sd[k].transpose(_FROM_TORCH[e.layout]) if e.layout else sd[k]
+            e.var.set_value(jnp.asarray(a, dtype=e.var.dtype))
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m flaxres.convert", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", required=True, help="registry name, e.g. resnet20")
+    p.add_argument("--to-torch", action="store_true",
+                   help="convert an orbax checkpoint directory (src) to a .pth file (dst)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the orbax checkpoint for --to-torch (default: read from it)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    args = p.parse_args(argv)
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    if args.to_torch:
+        import torch
+        from flaxres.registry import create_model
+
+        src = os.path.abspath(args.src)
+        n = args.num_classes or _orbax_num_classes(ckptr, src)
+        model = nnx.eval_shape(lambda: create_model(args.arch, num_classes=n))
+        nnx.update(model, ckptr.restore(src, nnx.state(model)))
+        torch.save(to_torch(model), args.dst)
+    else:
+        model = from_torch(args.arch, args.src)
+        ckptr.save(os.path.abspath(args.dst), nnx.state(model))
+        ckptr.wait_until_finished()
+    print(f"wrote {args.dst}")
+
+
+def _orbax_num_classes(ckptr, path: str) -> int:
+    meta = ckptr.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    try:
+        return int(tree["fc"]["bias"].shape[0])
+    except (KeyError, TypeError, AttributeError) as err:
+        raise SystemExit(f"cannot read fc.bias from {path}; pass --num-classes") from err
+
+
+if __name__ == "__main__":
+    main()

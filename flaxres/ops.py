@@ -1,0 +1,204 @@
+"""Fast operations for XLA:CPU that compute exactly the same function as their ``lax`` originals.
+
+``conv_general_dilated`` is a drop-in for :func:`jax.lax.conv_general_dilated` (the signature
+``nnx.Conv(conv_general_dilated=...)`` calls). The forward pass and the input gradient are XLA's
+own convolutions; only the *weight gradient* is computed differently:
+
+XLA:CPU lowers the weight-gradient convolution to an Eigen spatial convolution whose window is
+the whole feature map and whose contraction runs over N·H·W (≈ 130k for a CIFAR batch): it reaches
+≈ 4–20 GFLOP/s on a 2-core Zen 3, against ≈ 60–100 for the forward convolution, and dominates the
+train step (see ``parity/PERFORMANCE.md``). A single GEMM over the full N·H·W contraction is no
+better (Eigen does not split the contraction across threads). Here the weight gradient is
+
+    dW[kh, kw, ci, co] = Σ_chunks  dyᵀ(chunk) · patches(x)(chunk)
+
+a ``lax.scan`` over chunks of a few images: each chunk builds its im2col patches (the kh·kw shifted,
+strided slices of the padded input, concatenated on the channel axis; they stay in cache) and runs
+one well-shaped GEMM (M = Cout, N = kh·kw·Cin, K ≈ 4096 rows), accumulated in fp32. The result is
+the same sum in a different order: relative error vs ``lax`` ≈ 1e-6 in fp32.
+
+Cases this path does not handle (input/kernel dilation, non-NHWC/HWIO layouts, negative padding,
+batch_group_count, non-2-D, integer dtypes, grouped convolutions with more than one group, where
+the scan-GEMM was not faster) go to ``lax.conv_general_dilated`` unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Rows (images x output pixels) per chunk of the weight-gradient scan. Measured on a 2-core Zen 3
+# (parity/PERFORMANCE.md): 2k-4k rows keep the chunk's patches in L2/L3 and Eigen's GEMM efficient.
+CHUNK_ROWS = int(os.environ.get("FLAXRES_WGRAD_CHUNK_ROWS", "4096"))
+# Set FLAXRES_FAST_OPS=0 (or ENABLED = False before tracing) to use plain lax/autodiff everywhere,
+# for A/B measurements; CONV / BN switch the two parts separately.
+ENABLED = os.environ.get("FLAXRES_FAST_OPS", "1") != "0"
+CONV = True  # the weight-gradient GEMM path of conv_general_dilated
+BN = True    # the closed-form backward of batch_norm_train
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _is_nhwc_hwio(dimension_numbers) -> bool:
+    if dimension_numbers is None:
+        return False
+    if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+        return tuple(dimension_numbers) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+    return tuple(dimension_numbers) == _NHWC
+
+
+def _explicit_padding(padding, lhs_shape, rhs_shape, strides):
+    if isinstance(padding, str):
+        return tuple(lax.padtype_to_pads(lhs_shape[1:3], rhs_shape[:2], strides, padding))
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count: int = 1,
+                         batch_group_count: int = 1, precision=None,
+                         preferred_element_type=None, **kwargs):
+    """``lax.conv_general_dilated`` with a faster weight gradient on CPU (same function)."""
+    lax_call = functools.partial(
+        lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type, **kwargs)
+    if kwargs.get("out_sharding") is None:
+        kwargs.pop("out_sharding", None)
+    if not (ENABLED and CONV and not kwargs and lhs.ndim == 4 and rhs.ndim == 4
+            and _is_nhwc_hwio(dimension_numbers)
+            and all(d == 1 for d in (lhs_dilation or (1, 1)))
+            and all(d == 1 for d in (rhs_dilation or (1, 1)))
+            and feature_group_count == 1 and batch_group_count == 1
+            and preferred_element_type is None and precision is None
+            and jnp.issubdtype(lhs.dtype, jnp.floating) and lhs.dtype == rhs.dtype):
+        return lax_call()
+    strides = tuple(int(s) for s in window_strides)
+    pads = _explicit_padding(padding, lhs.shape, rhs.shape, strides)
+    if any(p < 0 for pair in pads for p in pair):
+        return lax_call()
+    return _conv(lhs, rhs, strides, pads)
+
+
+def _lax_conv(x, w, strides, pads):
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, w, strides, pads):
+    return _lax_conv(x, w, strides, pads)
+
+
+def _conv_fwd(x, w, strides, pads):
+    return _lax_conv(x, w, strides, pads), (x, w)
+
+
+def _conv_bwd(strides, pads, res, g):
+    x, w = res
+    _, vjp_x = jax.vjp(lambda a: _lax_conv(a, w, strides, pads), x)
+    (dx,) = vjp_x(g)
+    dw = weight_grad(x, g, w.shape, strides, pads).astype(w.dtype)
+    return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _patches(x, kh: int, kw: int, strides, pads, ho: int, wo: int):
+    """im2col of an NHWC block: (n, ho, wo, kh*kw*c), taps ordered (kh, kw, c) like HWIO."""
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    sh, sw = strides
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            taps.append(lax.slice(xp, (0, i, j, 0),
+                                  (xp.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1,
+                                   xp.shape[3]), (1, sh, sw, 1)))
+    return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+
+
+def weight_grad(x, g, w_shape: Sequence[int], strides, pads, chunk_rows: int | None = None):
+    """dL/dW of an NHWC/HWIO convolution (no dilation, one group) from its input ``x`` and the
+    output cotangent ``g``, as a scan of GEMMs over batch chunks; fp32 accumulation."""
+    kh, kw, cin, cout = w_shape
+    n, ho, wo, _ = g.shape
+    rows = chunk_rows or CHUNK_ROWS
+    per = max(1, min(n, rows // max(ho * wo, 1)))
+    nchunks = -(-n // per)
+    if nchunks * per != n:  # zero images add nothing to the sum
+        extra = nchunks * per - n
+        x = jnp.pad(x, ((0, extra), (0, 0), (0, 0), (0, 0)))
+        g = jnp.pad(g, ((0, extra), (0, 0), (0, 0), (0, 0)))
+    xs = x.reshape((nchunks, per) + x.shape[1:])
+    gs = g.reshape((nchunks, per) + g.shape[1:])
+
+    def chunk(xc, gc):
+        p = _patches(xc, kh, kw, strides, pads, ho, wo).reshape(per * ho * wo, kh * kw * cin)
+        return lax.dot_general(gc.reshape(per * ho * wo, cout), p, (((0,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)  # (cout, kh*kw*cin)
+
+    if nchunks == 1:
+        acc = chunk(xs[0], gs[0])
+    else:
+        def body(acc, xg):
+            return acc + chunk(*xg), None
+        acc, _ = lax.scan(body, jnp.zeros((cout, kh * kw * cin), jnp.float32), (xs, gs))
+    return acc.T.reshape(kh, kw, cin, cout)
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+
+def batch_norm_train(x, scale, bias, epsilon: float):
+    """Train-mode batch normalisation over all axes but the last, in the input's dtype (fp32).
+
+    Returns ``(y, mean, var)`` with the biased variance, exactly the forward formula of
+    :class:`flaxres.models.BatchNorm`: ``mean = x.mean(axes)``, ``var = ((x - mean)**2).mean(axes)``,
+    ``y = (x - mean) * (rsqrt(var + eps) * scale) + bias``. The backward pass is the closed form
+    ``dx = scale * rsqrt(var + eps) * (g - mean(g) - x̂ * mean(g * x̂))`` (plus the terms from
+    ``mean``/``var`` if those outputs are differentiated): two reductions and one elementwise
+    pass, where autodiff of the forward leaves XLA:CPU several more passes over the activation.
+    """
+    if not (ENABLED and BN):
+        return _bn_forward(x, scale, bias, epsilon)
+    return _bn(x, scale, bias, epsilon)
+
+
+def _bn_forward(x, scale, bias, epsilon):
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    var = jnp.square(x - mean).mean(axes)
+    inv = lax.rsqrt(var + epsilon) * scale
+    return (x - mean) * inv + bias, mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _bn(x, scale, bias, epsilon):
+    return _bn_forward(x, scale, bias, epsilon)
+
+
+def _bn_fwd(x, scale, bias, epsilon):
+    y, mean, var = _bn_forward(x, scale, bias, epsilon)
+    return (y, mean, var), (x, mean, var, scale)
+
+
+def _bn_bwd(epsilon, res, cts):
+    x, mean, var, scale = res
+    g, g_mean, g_var = cts
+    axes = tuple(range(x.ndim - 1))
+    m = x.size // x.shape[-1]
+    r = lax.rsqrt(var + epsilon)
+    xc = x - mean
+    xhat = xc * r
+    sum_g = g.sum(axes)
+    sum_gx = (g * xhat).sum(axes)
+    dx = (scale * r) * (g - sum_g / m - xhat * (sum_gx / m)) + (g_mean / m + (2.0 / m) * g_var * xc)
+    return dx.astype(x.dtype), sum_gx.astype(scale.dtype), sum_g.astype(bias.dtype)
+
+
+_bn.defvjp(_bn_fwd, _bn_bwd)

@@ -1,0 +1,173 @@
+"""The PyTorch models every flaxres architecture must equal.
+
+torchvision's own classes where torchvision has the net (ResNet-18..152, ResNeXt-50/101); its
+ResNet with kuangliu/pytorch-cifar's 3x3 stride-1 stem for ``resnet*_cifar``; and for the CIFAR
+family (He et al.'s resnet20..1202, plain nets, the bottleneck resnet164, ResNeXt-29) a compact
+implementation in akamaster/pytorch_resnet_cifar10's style. State-dict keys follow torchvision
+(``layer1.0.conv1.weight``, ``layer2.0.downsample.0.weight``), which is what flaxres' module tree
+implies.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+_TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                "resnext50_32x4d", "resnext101_32x8d")
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, norm: bool = True):
+    # Without BatchNorm a conv needs its bias (the no-BN degradation study).
+    return nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=not norm)
+
+
+def _bn(c: int, norm: bool) -> nn.Module:
+    return nn.BatchNorm2d(c) if norm else nn.Identity()
+
+
+class PadShortcut(nn.Module):
+    """Option A (akamaster's LambdaLayer): subsample, then zero-pad channels on both sides."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride, self.lo, self.hi = stride, (cout - cin) // 2, cout - cin - (cout - cin) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.lo, self.hi))
+
+
+class _Block(nn.Module):
+    def _init_shortcut(self, shortcut, cin: int, cout: int, stride: int, norm: bool) -> None:
+        self.has_shortcut = shortcut is not None
+        self.shortcut: nn.Module = nn.Identity()
+        self.downsample: nn.Module | None = None
+        reshapes = stride != 1 or cin != cout
+        if shortcut == "A" and reshapes:
+            self.shortcut = PadShortcut(cin, cout, stride)
+        elif shortcut == "C" or (shortcut == "B" and reshapes):
+            layers = [_conv(cin, cout, 1, stride, norm=norm)] + ([nn.BatchNorm2d(cout)] if norm else [])
+            self.downsample = nn.Sequential(*layers)
+
+    def _add_shortcut(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.has_shortcut:
+            return F.relu(out)
+        identity = self.downsample(x) if self.downsample is not None else self.shortcut(x)
+        return F.relu(out + identity)
+
+
+class BasicBlock(_Block):
+    expansion = 1
+
+    def __init__(self, cin, planes, stride=1, shortcut="A", norm=True, groups=1, base_width=64):
+        super().__init__()
+        self.conv1 = _conv(cin, planes, 3, stride, norm=norm)
+        self.bn1 = _bn(planes, norm)
+        self.conv2 = _conv(planes, planes, 3, norm=norm)
+        self.bn2 = _bn(planes, norm)
+        self._init_shortcut(shortcut, cin, planes, stride, norm)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return self._add_shortcut(self.bn2(self.conv2(out)), x)
+
+
+class Bottleneck(_Block):
+    expansion = 4
+
+    def __init__(self, cin, planes, stride=1, shortcut="B", norm=True, groups=1, base_width=64):
+        super().__init__()
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = _conv(cin, width, 1, norm=norm)
+        self.bn1 = _bn(width, norm)
+        self.conv2 = _conv(width, width, 3, stride, groups, norm=norm)
+        self.bn2 = _bn(width, norm)
+        self.conv3 = _conv(width, planes * 4, 1, norm=norm)
+        self.bn3 = _bn(planes * 4, norm)
+        self._init_shortcut(shortcut, cin, planes * 4, stride, norm)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return self._add_shortcut(self.bn3(self.conv3(out)), x)
+
+
+class CifarResNet(nn.Module):
+    """3x3 stride-1 stem, no max-pool, stages of blocks (first stride 1, then 2), pool, fc."""
+
+    def __init__(self, block, layers, widths, stem_width, num_classes=10, shortcut="A", norm=True,
+                 groups=1, width_per_group=64):
+        super().__init__()
+        self.conv1 = _conv(3, stem_width, 3, norm=norm)
+        self.bn1 = _bn(stem_width, norm)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()  # torchvision's attribute layout, so hooks work alike
+        cin = stem_width
+        for i, (n, planes) in enumerate(zip(layers, widths, strict=True)):
+            blocks = []
+            for j in range(n):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(block(cin, planes, stride, shortcut, norm, groups, width_per_group))
+                cin = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.num_stages = len(layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        _init(self)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _init(model: nn.Module) -> None:
+    """torchvision's scheme: Kaiming-normal fan-out convs, BN 1/0; Linear and conv biases default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+_UNSET = object()
+
+
+def create_torch_model(name: str, num_classes: int = 10, *, shortcut=_UNSET,
+                       norm: bool = True) -> nn.Module:
+    """The PyTorch reference for a ``flaxres.list_models()`` name.
+
+    ``shortcut`` ("A", "B", "C", None) and ``norm`` mirror the flaxres overrides of the same name
+    and exist for the CIFAR family (torchvision's nets have fixed option B with BatchNorm).
+    """
+    if name in _TORCHVISION or re.fullmatch(r"resnet\d+_cifar", name):
+        if shortcut is not _UNSET or not norm:
+            raise ValueError(f"{name}: torchvision's layout has no shortcut/norm overrides")
+        model = getattr(torchvision.models, name.removesuffix("_cifar"))(num_classes=num_classes)
+        if name.endswith("_cifar"):  # kuangliu/pytorch-cifar's stem
+            model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+            model.maxpool = nn.Identity()
+        return model
+    kw = {"num_classes": num_classes, "norm": norm}
+    if m := re.fullmatch(r"resnext29_(\d+)x(\d+)d", name):
+        return CifarResNet(Bottleneck, (3, 3, 3), (64, 128, 256), 64, groups=int(m[1]),
+                           width_per_group=int(m[2]),
+                           shortcut="B" if shortcut is _UNSET else shortcut, **kw)
+    if m := re.fullmatch(r"(resnet|plain)(\d+)", name):
+        depth = int(m[2])
+        bottleneck = m[1] == "resnet" and depth == 164
+        per_block = 9 if bottleneck else 6
+        if (depth - 2) % per_block:
+            raise ValueError(f"no CIFAR reference for {name!r}")
+        default = None if m[1] == "plain" else ("B" if bottleneck else "A")
+        n = (depth - 2) // per_block
+        return CifarResNet(Bottleneck if bottleneck else BasicBlock, (n, n, n), (16, 32, 64), 16,
+                           shortcut=default if shortcut is _UNSET else shortcut, **kw)
+    raise ValueError(f"no PyTorch reference for {name!r}")

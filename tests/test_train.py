@@ -1,0 +1,249 @@
+"""train.cifar end to end on tiny synthetic data with resnet8: CLI, metrics/plots/checkpoints,
+resume after SIGKILL and after Ctrl-C equal to an uninterrupted run, divergence stop, eval-only,
+predict, corrupt checkpoints, and 8-device vs 1-device data parallelism."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from train import cifar, synthetic
+from train.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+N_TRAIN, N_TEST, BATCH = 512, 64, 32
+SPE = N_TRAIN // BATCH  # 16 steps per epoch, about 2 s on a 2-core CPU
+COMMON = ["--arch", "resnet8", "--batch-size", str(BATCH), "--eval-batch-size", "64",
+          "--log-every", "2"]
+TIMING = ("epoch_time", "img_per_s")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Synthetic CIFAR python archive, a data cache, and one XLA compilation cache shared by
+    every run of this module (in and out of process), so resnet8 compiles once."""
+    root = tmp_path_factory.mktemp("train")
+    arrays = synthetic.make_arrays(N_TRAIN, N_TEST, seed=0)
+    src = synthetic.write_cifar10_python(root, arrays, tar=True)
+    e = dict(os.environ, FLAXRES_CACHE=str(root / "cache"),
+             JAX_COMPILATION_CACHE_DIR=str(root / "xla"), PYTHONUNBUFFERED="1")
+    os.environ["FLAXRES_CACHE"] = e["FLAXRES_CACHE"]  # for the in-process runs below
+    jax.config.update("jax_compilation_cache_dir", e["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    return {"root": root, "src": str(src), "env": e, "arrays": arrays}
+
+
+def cli(env, *args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "train.cifar", "--data-dir", env["src"],
+                             *COMMON, *args], cwd=ROOT, env=env["env"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(p: subprocess.Popen, rc: int = 0) -> str:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == rc, out
+    return out
+
+
+def history(workdir: Path) -> list[dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(ln).items() if k not in TIMING} for ln in lines]
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    """An uninterrupted 3-epoch run through the command line."""
+    wd = env["root"] / "ref"
+    out = finish(cli(env, "--epochs", "3", "--workdir", str(wd)))
+    return wd, out
+
+
+def test_help_documents_every_flag_and_default(capsys):
+    with pytest.raises(SystemExit):
+        cifar.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in Config.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+    for must in ("--batch-size BATCH_SIZE global batch size", "(default: 128)", "(default: 0.1)",
+                 "(default: 0.0001)", "{paper,multistep,cosine}", "--no-nesterov",
+                 "--predict PREDICT [PREDICT ...]", "{fp32,bf16}"):
+        assert must in text
+
+
+def test_schedules_follow_the_paper():
+    cfg = Config()
+    s = cfg.lr_schedule(391)
+    assert cfg.total_steps(391) == 64000
+    assert [float(s(t)) for t in (0, 31999, 32000, 47999, 48000)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001])
+    warm = Config(arch="resnet110").lr_schedule(391)
+    assert [float(warm(t)) for t in (0, 399, 400, 32000)] == pytest.approx([0.01, 0.01, 0.1, 0.01])
+    short = Config(epochs=8, schedule="multistep").lr_schedule(10)  # milestones 4 and 6 epochs
+    assert [float(short(t)) for t in (39, 40, 59, 60)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
+    comp = Config(steps=640).lr_schedule(10)  # compressed paper schedule: /10 at 320 and 480
+    assert [float(comp(t)) for t in (319, 320, 480)] == pytest.approx([0.1, 0.01, 0.001])
+    cos = Config(epochs=2, schedule="cosine").lr_schedule(50)
+    assert float(cos(0)) == pytest.approx(0.1) and float(cos(50)) == pytest.approx(0.05)
+
+
+def test_cli_trains_logs_plots_and_checkpoints(reference):
+    wd, out = reference
+    h = history(wd)
+    assert [r["epoch"] for r in h] == [1, 2, 3] and h[-1]["step"] == 3 * SPE
+    assert h[-1]["train_loss"] < h[0]["train_loss"] and h[-1]["test_acc"] > 0.5
+    assert [r["lr"] for r in h] == pytest.approx([0.1, 0.01, 0.001])  # compressed paper schedule
+    assert "epoch   3 | train loss" in out and "img/s" in out
+    assert "done: best test acc" in out and "final test acc" in out
+    assert (wd / "curves.png").stat().st_size > 10_000
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["best", "last"]
+    assert (wd / "checkpoints" / "last" / str(3 * SPE)).is_dir()
+
+
+def _wait_for_epoch_line(p: subprocess.Popen) -> str:
+    """Reads the run's output up to its first epoch summary, which is printed after the
+    epoch's checkpoint, metrics line and plot: the next step starts right after it."""
+    seen = ""
+    while "epoch   1 |" not in seen:
+        line = p.stdout.readline()
+        assert line, seen
+        seen += line
+    return seen
+
+
+def test_resume_after_sigkill_mid_epoch_equals_uninterrupted(env, reference):
+    wd = env["root"] / "killed"
+    p = cli(env, "--epochs", "3", "--workdir", str(wd))
+    _wait_for_epoch_line(p)
+    time.sleep(0.5)  # into epoch 2
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert len(history(wd)) == 1, "killed too late: epoch 2 had finished"
+    out = finish(cli(env, "--epochs", "3", "--workdir", str(wd), "--resume"))
+    assert "resumed from" in out and f"at step {SPE} (epoch 2, 0/{SPE}" in out
+    assert history(wd) == history(reference[0])
+
+
+def test_ctrl_c_saves_mid_epoch_and_resume_equals_uninterrupted(env, reference):
+    wd = env["root"] / "interrupted"
+    p = cli(env, "--epochs", "3", "--workdir", str(wd))
+    _wait_for_epoch_line(p)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    out = finish(p, rc=130)
+    assert "interrupted at step" in out and "--resume" in out
+    step = int(out.split("interrupted at step ")[1].split(":")[0])
+    assert SPE < step < 2 * SPE, out  # mid-epoch 2: the partial epoch is in the checkpoint
+    out = finish(cli(env, "--epochs", "3", "--workdir", str(wd), "--resume"))
+    assert f"at step {step} (epoch 2, {step - SPE}/{SPE}" in out
+    assert history(wd) == history(reference[0])
+
+
+def test_existing_run_needs_resume_and_matching_config(env, reference, capsys):
+    wd = env["root"] / "copy"
+    shutil.copytree(reference[0], wd)
+    base = ["--data-dir", env["src"], *COMMON, "--workdir", str(wd), "--epochs", "3"]
+    with pytest.raises(SystemExit) as e:
+        cifar.main(base)
+    assert e.value.code == 2 and "pass --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cifar.main([*base, "--resume", "--seed", "1"])
+    assert "seed differ from the checkpoint" in capsys.readouterr().err
+
+
+def test_divergence_stops_clearly_and_keeps_last_good_checkpoint(env, reference, capsys):
+    wd = env["root"] / "diverge"
+    shutil.copytree(reference[0], wd)
+    (wd / "checkpoints" / "best").rename(wd / "best-saved")
+    with pytest.raises(SystemExit) as e:  # continue the finished run at an absurd lr
+        cifar.main(["--data-dir", env["src"], *COMMON, "--workdir", str(wd), "--resume",
+                    "--epochs", "5", "--lr", "1e30", "--no-plot"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "loss became NaN/inf at step" in err and "last good checkpoint" in err
+    assert [d.name for d in (wd / "checkpoints" / "last").iterdir()] == [str(3 * SPE)]
+    assert len(history(wd)) == 3
+
+
+def test_eval_only_reproduces_the_best_checkpoints_accuracy(env, reference, capsys):
+    wd = reference[0]
+    res = cifar.evaluate_checkpoint(cifar.parse_args(["--eval-only", "--checkpoint", str(wd)]))
+    best = max(history(wd), key=lambda h: h["test_acc"])
+    assert res["test_acc"] == pytest.approx(best["test_acc"], abs=1e-6)
+    assert res["test_loss"] == pytest.approx(best["test_loss"], rel=1e-5)
+    assert "test loss" in capsys.readouterr().out
+
+
+def test_predict_prints_top_k_with_probabilities(env, reference, tmp_path, capsys):
+    from PIL import Image
+
+    _, _, xte, yte = env["arrays"]
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(np.kron(xte[i], np.ones((2, 2, 1), np.uint8))).save(paths[-1])  # 64x64
+    top = cifar.predict(cifar.parse_args(["--predict", *map(str, paths), "--top-k", "3",
+                                          "--checkpoint", str(reference[0] / "checkpoints")]))
+    out = capsys.readouterr().out
+    assert len(top) == 3 and all(len(t) == 3 for t in top)
+    for t, y in zip(top, yte[:3]):
+        probs = [p for _, p in t]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        assert t[0][0] == synthetic.CIFAR10_CLASSES[y]
+    assert "  1. " in out and "%" in out
+
+
+def test_corrupt_or_missing_checkpoint_is_a_clear_error(env, reference, capsys):
+    wd = env["root"] / "corrupt"
+    shutil.copytree(reference[0], wd)
+    for f in (wd / "checkpoints" / "best").rglob("*"):
+        if f.is_file() and "state" in f.parts:
+            f.write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as e:
+        cifar.main(["--eval-only", "--checkpoint", str(wd)])
+    assert e.value.code == 2 and "is unreadable" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cifar.main(["--eval-only", "--checkpoint", str(env["root"] / "nothing")])
+    assert "no checkpoint found" in capsys.readouterr().err
+
+
+_PER_STEP = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from train import cifar, data, steps, synthetic
+from train.config import Config
+arrays = data.Arrays(*synthetic.make_arrays(128, 16, seed=0), data.CIFAR10_CLASSES)
+cfg = Config(arch="resnet8", batch_size=32, lr=0.02)
+run = cifar._setup(cfg, arrays, 4)
+perm = jnp.arange(128)
+losses = []
+for i in range(8):
+    m = jax.device_put(steps.zero_metrics(), run.rep)
+    run.state, m = run.train_step(run.state, m, perm, run.train_x, run.train_y, jnp.int32(i % 4))
+    losses.append(float(m["loss_sum"] / m["count"]))
+w = np.concatenate([np.ravel(x) for x in jax.tree.leaves(run.state.params)])
+print(json.dumps({"devices": jax.device_count(), "losses": losses, "w": w[::97].tolist()}))
+"""
+
+
+def test_eight_devices_train_like_one(env):
+    def run(n):
+        e = dict(env["env"], XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        out = subprocess.run([sys.executable, "-c", _PER_STEP], cwd=ROOT, env=e, text=True,
+                             capture_output=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.splitlines()[-1])
+
+    one, eight = run(1), run(8)
+    assert one["devices"] == 1 and eight["devices"] == 8
+    print(np.abs(np.array(eight["losses"]) / one["losses"] - 1))
+    np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+    np.testing.assert_allclose(eight["w"], one["w"], rtol=1e-4, atol=1e-5)
+    assert one["losses"][-1] < one["losses"][0]

@@ -1,0 +1,112 @@
+"""Training configuration: one dataclass, kept apart from the code (as flax's examples keep theirs).
+
+Each field's ``help`` metadata is the ``--help`` text of the flag of the same name
+(``batch_size`` -> ``--batch-size``); :func:`train.cifar.parse_args` builds argparse from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from train import optim
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the seeds' normalisation (kuangliu / akamaster)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    arch: str = _f("resnet20", "architecture: any flaxres.list_models() name, or any CIFAR "
+                   "resnetN with N = 6n+2 (e.g. resnet8)")
+    dataset: str = _f("cifar10", "dataset", choices=("cifar10", "cifar100"))
+    data_dir: str | None = _f(None, "data source: an image folder split/class/*.png|jpg (or its "
+                              ".tar.gz), the official CIFAR python or binary archive (tarred or "
+                              "extracted) or a tfds data_dir; default: tensorflow-datasets' "
+                              "default location (downloads when online)")
+    cache_dir: str | None = _f(None, "where decoded uint8 arrays are cached (default "
+                               "$FLAXRES_CACHE or ~/.cache/flaxres)")
+    workdir: str = _f("runs/cifar", "output folder: checkpoints/, metrics.jsonl, curves.png")
+    epochs: int | None = _f(None, "epochs to train (overrides the schedule's length)")
+    steps: int | None = _f(None, "iterations to train (overrides --epochs); default with "
+                           "neither: 64000, the paper's")
+    batch_size: int = _f(128, "global batch size, split over all devices")
+    eval_batch_size: int = _f(1000, "evaluation batch size")
+    lr: float = _f(0.1, "base learning rate")
+    momentum: float = _f(0.9, "SGD momentum (PyTorch semantics)")
+    nesterov: bool = _f(False, "Nesterov momentum")
+    weight_decay: float = _f(1e-4, "L2 weight decay added to the gradient (paper 1e-4; the "
+                             "popular seeds use 5e-4)")
+    schedule: str = _f("paper", "lr schedule: 'paper' = /10 at 50%% and 75%% of training "
+                       "(32k and 48k of 64k iterations); 'multistep' = /10 at --milestones "
+                       "epochs; 'cosine' = per-iteration cosine decay to 0",
+                       choices=("paper", "multistep", "cosine"))
+    milestones: tuple[int, ...] | None = _f(None, "multistep epoch milestones (default: 1/2 and "
+                                            "3/4 of the epochs, as the course notebook)")
+    warmup: str = _f("auto", "lr = lr/10 for the first --warmup-steps iterations; 'auto' = on "
+                     f"for {', '.join(optim.WARMUP_ARCHS)} as in the paper",
+                     choices=("auto", "on", "off"))
+    warmup_steps: int = _f(optim.PAPER_WARMUP_STEPS, "warm-up length in iterations")
+    val_split: int = _f(0, "hold out this many training images as a validation set (the "
+                        "paper: 5000, i.e. 45k/5k); the best checkpoint is then chosen by "
+                        "validation accuracy")
+    mean: tuple[float, ...] = _f(CIFAR_MEAN, "normalisation mean (RGB, 0..1 scale)")
+    std: tuple[float, ...] = _f(CIFAR_STD, "normalisation std (RGB, 0..1 scale)")
+    augment: bool = _f(True, "4-px zero pad + random 32x32 crop + horizontal flip (on device); "
+                       "--no-augment turns it off")
+    subset: int | None = _f(None, "train on only the first N training images (quick runs)")
+    seed: int = _f(0, "seed for initial weights, data order, augmentation and the val split")
+    precision: str = _f("fp32", "compute dtype (parameters stay fp32)", choices=("fp32", "bf16"))
+    log_every: int = _f(20, "progress-bar refresh interval in steps (each refresh syncs)")
+    resume: bool = _f(False, "continue from <workdir>/checkpoints/last")
+    eval_only: bool = _f(False, "only evaluate --checkpoint on the test set")
+    checkpoint: str | None = _f(None, "checkpoint for --eval-only / --predict: a workdir, its "
+                                "checkpoints/ folder, or checkpoints/last|best")
+    predict: tuple[str, ...] | None = _f(None, "image files to classify with --checkpoint; prints "
+                                         "the top-k classes with probabilities")
+    top_k: int = _f(5, "classes shown per image by --predict")
+    plot: bool = _f(True, "write <workdir>/curves.png every epoch")
+
+    @property
+    def num_classes(self) -> int:
+        return 100 if self.dataset == "cifar100" else 10
+
+    def use_warmup(self) -> bool:
+        return self.warmup == "on" or (self.warmup == "auto" and self.arch in optim.WARMUP_ARCHS)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """``--steps``, else ``--epochs`` x steps per epoch, else the paper's 64k iterations."""
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is not None:
+            return self.epochs * steps_per_epoch
+        return optim.PAPER_TOTAL_STEPS
+
+    def lr_schedule(self, steps_per_epoch: int):
+        """The per-iteration optax schedule the flags describe."""
+        total = self.total_steps(steps_per_epoch)
+        warm = self.warmup_steps if self.use_warmup() else 0
+        if self.schedule == "cosine":
+            return optim.cosine_schedule(self.lr, total, warm)
+        if self.schedule == "paper":
+            # 32k/48k of 64k; a compressed run keeps the same fractions.
+            bounds = [b * total // optim.PAPER_TOTAL_STEPS for b in optim.PAPER_BOUNDARIES]
+        else:
+            epochs = math.ceil(total / steps_per_epoch)
+            ms = self.milestones or (epochs // 2, epochs * 3 // 4)
+            bounds = optim.epoch_milestones_to_steps(ms, steps_per_epoch)
+        return optim.multistep_schedule(self.lr, bounds, warmup_steps=warm)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        return cls(**d)

@@ -1,0 +1,139 @@
+"""Pure training and evaluation steps over ``(graphdef, state)``, jitted with shardings.
+
+The model is split once with ``nnx.split``; inside the jitted functions ``nnx.merge`` rebuilds it
+at trace time only, so the hot path runs no Python graph traversal. Train and eval mode live in
+two graphdefs (BatchNorm's ``use_running_average`` is static structure). The whole dataset sits
+on the device as uint8; a step gathers its batch by index, augments and normalises it on device.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from train import data
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes; checkpointed whole, so resuming reproduces the run."""
+
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array  # int32, optimizer steps taken
+    key: jax.Array  # uint32[2], base key of the per-step augmentation keys
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int
+               ) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
+    """Splits ``model`` into train/eval graphdefs and the state the steps carry."""
+    model.eval()
+    eval_def = nnx.split(model, nnx.Param, nnx.BatchStat)[0]
+    model.train()
+    train_def, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # distinct from the init/order keys
+    return train_def, eval_def, TrainState(params, stats, tx.init(params),
+                                           jnp.zeros((), jnp.int32), key)
+
+
+def zero_metrics() -> dict[str, jax.Array]:
+    """Running sums for one epoch: loss x images, correct predictions, images, non-finite losses."""
+    return {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count", "nonfinite")}
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState,
+               metrics: dict[str, jax.Array], perm: jax.Array, images: jax.Array,
+               labels: jax.Array, index: jax.Array, *, batch_size: int, mean: Sequence[float],
+               std: Sequence[float], augment: bool, batch_sharding: NamedSharding
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on batch ``index`` of the epoch order ``perm`` (mean cross-entropy)."""
+    idx = jax.lax.dynamic_slice_in_dim(perm, index * batch_size, batch_size)
+    x = jax.lax.with_sharding_constraint(images[idx], batch_sharding)
+    y = jax.lax.with_sharding_constraint(labels[idx], batch_sharding)
+    if augment:
+        x = data.augment(jax.random.fold_in(state.key, state.step), x)
+    x = data.normalize(x, mean, std)
+
+    def loss_fn(params):
+        # copy=True: fresh Variables at the grad trace level, so BatchNorm may update its stats.
+        model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
+        logits = model(x)
+        return cross_entropy(logits, y).mean(), (logits, nnx.state(model, nnx.BatchStat))
+
+    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = TrainState(optax.apply_updates(state.params, updates), stats, opt_state,
+                     state.step + 1, state.key)
+    metrics = {
+        "loss_sum": metrics["loss_sum"] + loss * batch_size,
+        "correct": metrics["correct"] + (logits.argmax(-1) == y).sum(),
+        "count": metrics["count"] + batch_size,
+        "nonfinite": metrics["nonfinite"] + ~jnp.isfinite(loss),
+    }
+    return new, metrics
+
+
+def eval_step(graphdef: nnx.GraphDef, state: TrainState, metrics: dict[str, jax.Array],
+              images: jax.Array, labels: jax.Array, index: jax.Array, *, batch_size: int,
+              num_valid: int, mean: Sequence[float], std: Sequence[float],
+              batch_sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Sums of loss and correct predictions over eval batch ``index``; rows past ``num_valid``
+    (padding to a whole batch) are masked out."""
+    start = index * batch_size
+    x = jax.lax.dynamic_slice_in_dim(images, start, batch_size)
+    y = jax.lax.dynamic_slice_in_dim(labels, start, batch_size)
+    x = jax.lax.with_sharding_constraint(x, batch_sharding)
+    valid = (start + jnp.arange(batch_size)) < num_valid
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    logits = model(data.normalize(x, mean, std))
+    loss = jnp.where(valid, cross_entropy(logits, y), 0.0)
+    return {
+        "loss_sum": metrics["loss_sum"] + loss.sum(),
+        "correct": metrics["correct"] + ((logits.argmax(-1) == y) & valid).sum(),
+        "count": metrics["count"] + valid.sum(),
+        "nonfinite": metrics["nonfinite"] + (~jnp.isfinite(loss)).sum(),
+    }
+
+
+def predict_probs(graphdef: nnx.GraphDef, state: TrainState, images: jax.Array, *,
+                  mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    """Class probabilities of a uint8 batch (eval mode)."""
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    return jax.nn.softmax(model(data.normalize(images, mean, std)))
+
+
+def make_mesh() -> Mesh:
+    """A 1-D mesh over every device of every process: pure data parallelism on axis 'data'."""
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def jit_train_step(mesh: Mesh, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                   **static) -> Callable:
+    """``train_step`` with everything but the arrays bound; state and metrics buffers donated."""
+    rep = replicated(mesh)
+    fn = functools.partial(train_step, graphdef, tx, batch_sharding=NamedSharding(mesh, P("data")),
+                           **static)
+    return jax.jit(fn, donate_argnums=(0, 1), out_shardings=(rep, rep))
+
+
+def jit_eval_step(mesh: Mesh, graphdef: nnx.GraphDef, **static) -> Callable:
+    fn = functools.partial(eval_step, graphdef, batch_sharding=NamedSharding(mesh, P("data")),
+                           **static)
+    return jax.jit(fn, donate_argnums=(1,), out_shardings=replicated(mesh))
