@@ -103,7 +103,7 @@ def to_torch(model: nnx.Module) -> dict[str, Any]:
     """
     import torch
 
-    sd: dict[str, Any] = {k: torch.from_numpy(v) for k, v in named_arrays(model).items()}
+    sd: dict[str, Any] = {k: torch.from_numpy(v.copy()) for k, v in named_arrays(model).items()}
     for key in [k for k in sd if k.endswith(".running_var")]:
         sd[key.removesuffix("running_var") + "num_batches_tracked"] = torch.tensor(0)
     return sd
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     ckptr = ocp.StandardCheckpointer()
     if args.to_torch:
         import torch
+
         from flaxres.registry import create_model
 
         src = os.path.abspath(args.src)
@@ -213,7 +214,8 @@ def _orbax_num_classes(ckptr, path: str) -> int:
     meta = ckptr.metadata(path)
     tree = getattr(meta, "item_metadata", meta)
     try:
-        return int(tree["fc"]["bias"].shape[0])
+        bias = tree["fc"]["bias"]
+        return int((getattr(bias, "shape", None) or bias["value"].shape)[0])
     except (KeyError, TypeError, AttributeError) as err:
         raise SystemExit(f"cannot read fc.bias from {path}; pass --num-classes") from err
 

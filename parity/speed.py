@@ -69,8 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--md", help="write the markdown table here too")
     p.add_argument("--plot", help="bar chart (PNG) of train/infer img/s")
-    p.add_argument("--no-fast-conv", action="store_true",
-                   help="flaxres with plain lax convolutions (flaxres.ops disabled), for A/B")
+    p.add_argument("--no-fast-ops", action="store_true",
+                   help="flaxres with flaxres.ops disabled (lax convolutions, autodiff BatchNorm), "
+                        "for before/after comparisons")
     return p.parse_args(argv)
 
 
@@ -197,7 +198,7 @@ def build_jax(arch, args, x_np, y_np):
     from flaxres import ops
     from train.optim import sgd
 
-    ops.ENABLED = not args.no_fast_conv
+    ops.ENABLED = not args.no_fast_ops
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     model = flaxres.create_model(arch, num_classes=args.num_classes, dtype=dtype)
     tx = sgd(0.1, momentum=0.9, weight_decay=5e-4)
@@ -415,8 +416,14 @@ def machine() -> dict:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
+                        if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        flags = info.get("flags", "").split()
+        isa = "avx512f" if "avx512f" in flags else ("avx2" if "avx2" in flags else "")
+        cpu = (f"{info.get('model name', cpu)} (family {info.get('cpu family')} model "
+               f"{info.get('model')}{', ' + isa if isa else ''})")
+    except (OSError, ValueError):
         pass
     try:
         load = os.getloadavg()
@@ -440,7 +447,9 @@ def markdown(results: dict) -> str:
              f"Peak ({results['args']['precision']} matmul {results['peak']['matmul_n']}^3): "
              f"{results['peak']['peak_flop_s'] / 1e9:.1f} GFLOP/s (jax "
              f"{results['peak']['jax_flop_s'] / 1e9:.1f}, torch "
-             f"{results['peak']['torch_flop_s'] / 1e9:.1f}).", ""]
+             f"{results['peak']['torch_flop_s'] / 1e9:.1f}). flaxres.ops: {results['flaxres_ops']}. "
+             "Median over the timed reps, (range) = slowest–fastest rep; reps interleaved across "
+             "frameworks.", ""]
     lines.append("| arch | framework | train img/s (range) | train % peak | train vs eager | "
                  "infer img/s (range) | infer % peak | infer vs eager | compile s (train/infer) |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
@@ -509,7 +518,8 @@ def main(argv=None):
 
     fws = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    results = {"args": vars(args), "machine": machine(), "archs": {}}
+    results = {"args": vars(args), "machine": machine(), "archs": {},
+               "flaxres_ops": "off (lax + autodiff BatchNorm)" if args.no_fast_ops else "on"}
     print(f"# {results['machine']['cpu']}, threads={args.threads}, load "
           f"{results['machine']['loadavg_start']}", flush=True)
     results["peak"] = peak_flops(args.precision)
@@ -544,13 +554,16 @@ def main(argv=None):
             r["e2e"] = e2e(arch, args, jb, tb)
             print(f"{arch:>14s} e2e {json.dumps(r['e2e'])}", flush=True)
         results["archs"][arch] = r
-    results["machine"]["loadavg_end"] = os.getloadavg()
-    md = markdown(results)
+        write(results, args)  # after every arch, so a long multi-arch run keeps what it measured
     print()
-    print(md)
+    print(markdown(results))
+
+
+def write(results: dict, args) -> None:
+    results["machine"]["loadavg_end"] = os.getloadavg()
     if args.md:
         with open(args.md, "w") as f:
-            f.write(md)
+            f.write(markdown(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)

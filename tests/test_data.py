@@ -1,6 +1,7 @@
 """train.data: every --data-dir format decodes to the same arrays, the cache, clear errors, and
 the on-device augmentation (determinism and exact pad/crop/flip semantics)."""
 
+import sys
 from pathlib import Path
 
 import jax
@@ -35,7 +36,7 @@ def test_every_format_decodes_to_the_same_arrays(tmp_path, arrays, writer, tar):
     src = writer(tmp_path / "src", arrays, tar=tar)
     got = data.load_arrays("cifar10", str(src), str(tmp_path / "cache"))
     if writer is synthetic.write_image_folder:  # an image folder is ordered by class, then file
-        order = lambda y: np.argsort(y, kind="stable")  # noqa: E731
+        order = lambda y: np.argsort(y, kind="stable")
         xtr, ytr, xte, yte = arrays
         arrays = (xtr[order(ytr)], ytr[order(ytr)], xte[order(yte)], yte[order(yte)])
     _same(got, arrays)
@@ -61,7 +62,7 @@ def test_missing_and_unknown_sources_say_how_to_get_data(tmp_path):
 def test_cifar100_labels_outside_range_are_caught(tmp_path):
     xtr, ytr, xte, yte = synthetic.make_arrays(20, 10, seed=0)
     src = synthetic.write_image_folder(tmp_path, (xtr, ytr, xte, yte))
-    # a 10-class folder read as CIFAR-100 is fine (labels < 100); as binary with wrong labels not:
+    # labels beyond the dataset's classes mean a wrong --dataset: refuse; fewer classes are fine
     bad = synthetic.write_cifar10_python(tmp_path / "b", (xtr, ytr + 10, xte, yte))
     with pytest.raises(data.DataError, match="outside cifar10's 0..9"):
         data.load_arrays("cifar10", str(bad), str(tmp_path / "c"))
@@ -153,3 +154,9 @@ def test_real_shared_cifar10_jpeg_folder(tmp_path):
     assert np.bincount(a.test_labels).tolist() == [1000] * 10
     mean = a.train_images.reshape(-1, 3).mean(0) / 255
     np.testing.assert_allclose(mean, (0.4914, 0.4822, 0.4465), atol=0.01)
+
+
+def test_default_tfds_source_without_tfds_says_how_to_get_data(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
+    with pytest.raises(data.DataError, match="tensorflow-datasets is not installed.*--data-dir"):
+        data.load_arrays("cifar10", None, str(tmp_path))

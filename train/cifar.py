@@ -12,12 +12,15 @@ parameters replicated), so BatchNorm sees the global batch exactly as one PyTorc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import types
 import typing
@@ -41,6 +44,30 @@ class Diverged(RuntimeError):
     """The training loss became NaN or inf."""
 
 
+class _Interrupted(Exception):
+    """Ctrl-C arrived; raised at the next step boundary, where the state is whole."""
+
+
+@contextlib.contextmanager
+def _ctrl_c_at_step_boundary():
+    """The first Ctrl-C only sets a flag (a KeyboardInterrupt inside a jitted call could lose
+    the donated state); the loop checks it after each step. A second Ctrl-C aborts at once."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag["set"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -52,14 +79,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
-        help_ = f"{meta.pop('help')} (default: {f.default})"
+        help_ = meta.pop("help") + ("" if f.default is None else f" (default: {f.default})")
         typ = hints[f.name]
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                            help=help_)
             continue
-        args = [a for a in typing.get_args(typ) if a is not type(None)] or [typ]
-        base = args[0]
+        base = typ
+        if isinstance(typ, types.UnionType):  # X | None
+            base = next(a for a in typing.get_args(typ) if a is not type(None))
         if typing.get_origin(base) is tuple:
             p.add_argument(flag, nargs="+", type=typing.get_args(base)[0], default=f.default,
                            help=help_, **meta)
@@ -93,6 +121,8 @@ class _Run(types.SimpleNamespace):
 
 
 def _setup(cfg: Config, arrays: data.Arrays | None, steps_per_epoch: int = 1) -> _Run:
+    """Model, optimizer and jitted steps on the mesh; ``arrays``' training set goes on device.
+    (``steps_per_epoch`` only shapes the lr schedule, irrelevant for inference.)"""
     mesh = steps.make_mesh()
     ndev = mesh.devices.size
     if cfg.batch_size % ndev:
@@ -101,10 +131,10 @@ def _setup(cfg: Config, arrays: data.Arrays | None, steps_per_epoch: int = 1) ->
     tx = optim.sgd(schedule, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     train_def, eval_def, state = steps.init_state(build_model(cfg), tx, cfg.seed)
     rep = steps.replicated(mesh)
-    static = dict(mean=cfg.mean, std=cfg.std)
+    static = {"mean": cfg.mean, "std": cfg.std}
     eval_bs = max(ndev, cfg.eval_batch_size // ndev * ndev)
-    run = _Run(mesh=mesh, rep=rep, schedule=schedule, mean=cfg.mean, std=cfg.std, tx=tx, eval_def=eval_def,
-               state=jax.device_put(state, rep), eval_bs=eval_bs,
+    run = _Run(mesh=mesh, rep=rep, schedule=schedule, mean=cfg.mean, std=cfg.std,
+               eval_def=eval_def, state=jax.device_put(state, rep), eval_bs=eval_bs,
                train_step=steps.jit_train_step(mesh, train_def, tx, batch_size=cfg.batch_size,
                                                augment=cfg.augment, **static),
                predict=jax.jit(lambda s, x: steps.predict_probs(eval_def, s, x, **static)))
@@ -137,11 +167,14 @@ def evaluate(run: _Run, name: str) -> dict[str, float]:
             f"{name}_acc": float(m["correct"] / m["count"])}
 
 
-def _load_data(cfg: Config) -> tuple[data.Arrays, np.ndarray | None, np.ndarray | None]:
+def load_data(cfg: Config) -> tuple[data.Arrays, np.ndarray | None, np.ndarray | None]:
+    """The arrays ``cfg`` trains on: ``--subset`` applied, ``--val-split`` held out (val x, y)."""
     arrays = data.load_arrays(cfg.dataset, cfg.data_dir, cfg.cache_dir)
     if cfg.subset:
-        arrays.train_images = arrays.train_images[: cfg.subset]
-        arrays.train_labels = arrays.train_labels[: cfg.subset]
+        # A fixed random subset (the same for every --seed): sources may be sorted by class.
+        keep = np.sort(np.random.default_rng(0).permutation(len(arrays.train_labels))[: cfg.subset])
+        arrays.train_images = arrays.train_images[keep]
+        arrays.train_labels = arrays.train_labels[keep]
     val_x = val_y = None
     if cfg.val_split:
         arrays.train_images, arrays.train_labels, val_x, val_y = data.split_validation(
@@ -149,12 +182,13 @@ def _load_data(cfg: Config) -> tuple[data.Arrays, np.ndarray | None, np.ndarray 
     return arrays, val_x, val_y
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     """Loss and accuracy per epoch, train vs test (and val): the plot every CIFAR seed ends with."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ep = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -166,9 +200,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
                 ax.plot(ep, vals, marker="." if len(ep) < 30 else None, label=split)
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss" if what == "loss" else "accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(path.parent.name)
+    fig.suptitle(title or path.parent.name)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -188,16 +223,11 @@ def _fmt(h: dict) -> str:
 # ----------------------------------------------------------------------------- train
 
 
-def train(cfg: Config, arrays: data.Arrays | None = None) -> dict:
-    """Trains, checkpoints and logs; returns ``{"best_acc", "final_acc", "history", ...}``.
-
-    ``arrays`` (already loaded data) skips loading, for :mod:`train.compare_torch`.
-    """
+def train(cfg: Config) -> dict:
+    """Trains, checkpoints and logs; returns ``{"best_acc", "final_acc", "history", ...}``."""
     from tqdm import tqdm
 
-    val_x = val_y = None
-    if arrays is None:
-        arrays, val_x, val_y = _load_data(cfg)
+    arrays, val_x, val_y = load_data(cfg)
     n_train = len(arrays.train_labels)
     spe = n_train // cfg.batch_size
     if spe == 0:
@@ -238,7 +268,9 @@ def train(cfg: Config, arrays: data.Arrays | None = None) -> dict:
                          "choose another --workdir")
     # metrics.jsonl is rewritten from the checkpoint's history, so lines written after the last
     # checkpoint by a killed run disappear and the file equals an uninterrupted run's.
-    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    main_proc = jax.process_index() == 0  # multi-host: one process writes logs and plots
+    if main_proc:
+        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
 
     def meta_now(epoch: int) -> dict:
         return {"epoch": epoch, "config": cfg.to_dict(), "history": history, "best": best,
@@ -255,62 +287,67 @@ def train(cfg: Config, arrays: data.Arrays | None = None) -> dict:
           f"({math.ceil(total / spe)} epochs), batch {cfg.batch_size} over {ndev} "
           f"{jax.devices()[0].platform} device(s), {cfg.precision}")
     step = int(run.state.step)
-    try:
-        while step < total:
-            epoch = step // spe
-            end = min(spe, total - epoch * spe)
-            perm = permute(order_key, epoch, n_train)
-            bar = tqdm(total=end, initial=step % spe, desc=f"epoch {epoch + 1}", leave=False,
-                       unit="step", dynamic_ncols=True, disable=None)
-            t0 = t_log = time.perf_counter()
-            n_log, first = 0, step % spe
-            for i in range(step % spe, end):
-                run.state, metrics = run.train_step(run.state, metrics, perm, run.train_x,
-                                                    run.train_y, jnp.int32(i))
-                step += 1
-                n_log += 1
-                if n_log == cfg.log_every or i == end - 1:
-                    m = jax.device_get(metrics)
-                    if m["nonfinite"]:
-                        raise Diverged(f"loss became NaN/inf at step {step} (epoch {epoch + 1}, "
-                                       f"lr {float(run.schedule(step - 1)):.4g})")
-                    now = time.perf_counter()
-                    bar.update(n_log)
-                    bar.set_postfix(loss=f"{m['loss_sum'] / m['count']:.3f}",
-                                    acc=f"{m['correct'] / m['count']:.2%}",
-                                    img_s=f"{n_log * cfg.batch_size / (now - t_log):.0f}")
-                    t_log, n_log = now, 0
-            bar.close()
-            m = jax.device_get(metrics)
-            elapsed = time.perf_counter() - t0
-            h = {"epoch": epoch + 1, "step": step, "lr": float(run.schedule(step - 1)),
-                 "train_loss": float(m["loss_sum"] / m["count"]),
-                 "train_acc": float(m["correct"] / m["count"])}
-            for name in run.eval_sets:
-                h.update(evaluate(run, name))
-            h.update(epoch_time=elapsed, img_per_s=(end - first) * cfg.batch_size / elapsed)
-            history.append(h)
-            if h[select] > best["acc"]:
-                best = {"acc": h[select], "epoch": epoch + 1, "test_acc": h["test_acc"]}
-                checkpoint.save(ckpt_dir / "best", step, {"state": run.state,
-                                                          "metrics": metrics}, meta_now(epoch + 1))
-            metrics = jax.device_put(steps.zero_metrics(), run.rep)
-            save_last(epoch + 1)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(h) + "\n")
-            if cfg.plot:
-                plot_curves(history, work / "curves.png")
-            print(_fmt(h), flush=True)
-    except KeyboardInterrupt:
-        save_last(step // spe)
-        print(f"\ninterrupted at step {step}: saved {ckpt_dir / 'last'}; continue with "
-              f"--workdir {work} --resume", file=sys.stderr)
-        raise SystemExit(130) from None
-    except Diverged as e:
-        print(f"\nstopped: {e}. The last good checkpoint ({ckpt_dir / 'last'}, step "
-              f"{checkpoint.latest(ckpt_dir / 'last')}) is kept; try a lower --lr or "
-              "--warmup on.", file=sys.stderr)
-        raise SystemExit(1) from None
+    with _ctrl_c_at_step_boundary() as ctrl_c:
+        try:
+            while step < total:
+                epoch = step // spe
+                end = min(spe, total - epoch * spe)
+                perm = permute(order_key, epoch, n_train)
+                bar = tqdm(total=end, initial=step % spe, desc=f"epoch {epoch + 1}", leave=False,
+                           unit="step", dynamic_ncols=True,
+                           disable=None if main_proc else True)
+                t0 = t_log = time.perf_counter()
+                n_log, first = 0, step % spe
+                for i in range(step % spe, end):
+                    run.state, metrics = run.train_step(run.state, metrics, perm, run.train_x,
+                                                        run.train_y, jnp.int32(i))
+                    step += 1
+                    n_log += 1
+                    if ctrl_c["set"]:
+                        raise _Interrupted
+                    if n_log == cfg.log_every or i == end - 1:
+                        m = jax.device_get(metrics)
+                        if m["nonfinite"]:
+                            raise Diverged(f"loss became NaN/inf at step {step} (epoch {epoch + 1}, "
+                                           f"lr {float(run.schedule(step - 1)):.4g})")
+                        now = time.perf_counter()
+                        bar.update(n_log)
+                        bar.set_postfix(loss=f"{m['loss_sum'] / m['count']:.3f}",
+                                        acc=f"{m['correct'] / m['count']:.2%}",
+                                        img_s=f"{n_log * cfg.batch_size / (now - t_log):.0f}")
+                        t_log, n_log = now, 0
+                bar.close()
+                m = jax.device_get(metrics)
+                elapsed = time.perf_counter() - t0
+                h = {"epoch": epoch + 1, "step": step, "lr": float(run.schedule(step - 1)),
+                     "train_loss": float(m["loss_sum"] / m["count"]),
+                     "train_acc": float(m["correct"] / m["count"])}
+                for name in run.eval_sets:
+                    h.update(evaluate(run, name))
+                h.update(epoch_time=elapsed, img_per_s=(end - first) * cfg.batch_size / elapsed)
+                history.append(h)
+                if h[select] > best["acc"]:
+                    best = {"acc": h[select], "epoch": epoch + 1, "test_acc": h["test_acc"]}
+                    checkpoint.save(ckpt_dir / "best", step, {"state": run.state,
+                                                              "metrics": metrics}, meta_now(epoch + 1))
+                metrics = jax.device_put(steps.zero_metrics(), run.rep)
+                save_last(epoch + 1)
+                if main_proc:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(h) + "\n")
+                    if cfg.plot:
+                        plot_curves(history, work / "curves.png", f"{cfg.arch} on {cfg.dataset}")
+                    print(_fmt(h), flush=True)
+        except _Interrupted:
+            save_last(step // spe)
+            print(f"\ninterrupted at step {step}: saved {ckpt_dir / 'last'}; continue with "
+                  f"--workdir {work} --resume", file=sys.stderr)
+            raise SystemExit(130) from None
+        except Diverged as e:
+            print(f"\nstopped: {e}. The last good checkpoint ({ckpt_dir / 'last'}, step "
+                  f"{checkpoint.latest(ckpt_dir / 'last')}) is kept; try a lower --lr or "
+                  "--warmup on.", file=sys.stderr)
+            raise SystemExit(1) from None
     final = history[-1]["test_acc"] if history else float("nan")
     print(f"done: best {select.replace('_acc', '')} acc {best['acc']:.2%} (epoch {best['epoch']}, "
           f"test acc {best.get('test_acc', float('nan')):.2%}); final test acc {final:.2%}. "
@@ -347,7 +384,7 @@ def evaluate_checkpoint(cfg: Config) -> dict[str, float]:
 
 def predict(cfg: Config) -> list[list[tuple[str, float]]]:
     """Top-k classes with probabilities for each image (resized to 32x32 if needed)."""
-    saved, run, meta = _restore_for_inference(cfg)
+    _, run, meta = _restore_for_inference(cfg)
     for p in cfg.predict:
         if not Path(p).is_file():
             raise FileNotFoundError(f"--predict: no such image file: {p}")
@@ -376,6 +413,8 @@ def enable_compilation_cache() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    if cfg.distributed:
+        jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
     enable_compilation_cache()
     try:
         if cfg.predict:

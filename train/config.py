@@ -59,7 +59,8 @@ class Config:
     std: tuple[float, ...] = _f(CIFAR_STD, "normalisation std (RGB, 0..1 scale)")
     augment: bool = _f(True, "4-px zero pad + random 32x32 crop + horizontal flip (on device); "
                        "--no-augment turns it off")
-    subset: int | None = _f(None, "train on only the first N training images (quick runs)")
+    subset: int | None = _f(None, "train on a fixed random N-image subset of the training set, "
+                            "the same for every seed (quick runs)")
     seed: int = _f(0, "seed for initial weights, data order, augmentation and the val split")
     precision: str = _f("fp32", "compute dtype (parameters stay fp32)", choices=("fp32", "bf16"))
     log_every: int = _f(20, "progress-bar refresh interval in steps (each refresh syncs)")
@@ -71,6 +72,13 @@ class Config:
                                          "the top-k classes with probabilities")
     top_k: int = _f(5, "classes shown per image by --predict")
     plot: bool = _f(True, "write <workdir>/curves.png every epoch")
+    distributed: bool = _f(False, "multi-host: call jax.distributed.initialize() first (one "
+                           "process per host; SLURM, Open MPI, Cloud TPU and Kubernetes are "
+                           "auto-detected, else give the next three flags)")
+    coordinator: str | None = _f(None, "with --distributed: host:port of process 0 (or "
+                                 "$JAX_COORDINATOR_ADDRESS)")
+    num_processes: int | None = _f(None, "with --distributed: number of processes")
+    process_id: int | None = _f(None, "with --distributed: this process's index")
 
     @property
     def num_classes(self) -> int:
@@ -98,7 +106,7 @@ class Config:
             bounds = [b * total // optim.PAPER_TOTAL_STEPS for b in optim.PAPER_BOUNDARIES]
         else:
             epochs = math.ceil(total / steps_per_epoch)
-            ms = self.milestones or (epochs // 2, epochs * 3 // 4)
+            ms = self.milestones or [m for m in (epochs // 2, epochs * 3 // 4) if m > 0]
             bounds = optim.epoch_milestones_to_steps(ms, steps_per_epoch)
         return optim.multistep_schedule(self.lr, bounds, warmup_steps=warm)
 

@@ -14,6 +14,7 @@ import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import jax
 import jax.numpy as jnp
@@ -49,16 +50,24 @@ class Arrays:
 
 
 class _Source:
-    """Uniform read access to a directory or a tar archive: relative names and bytes."""
+    """Uniform read access to a directory or a tar archive: relative names and bytes.
+    A context manager: the archive stays open while the readers pick their files."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._tar = tarfile.open(path) if path.is_file() else None
+        self._tar = tarfile.open(path) if path.is_file() else None  # noqa: SIM115
         if self._tar is not None:
             self._members = {m.name.lstrip("./"): m for m in self._tar.getmembers() if m.isfile()}
             self.names = sorted(self._members)
         else:
             self.names = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._tar is not None:
+            self._tar.close()
 
     def read(self, name: str) -> bytes:
         if self._tar is not None:
@@ -194,11 +203,9 @@ def _read_path(path: Path, dataset: str) -> Arrays:
     except tarfile.TarError as e:
         raise DataError(f"{path} is neither a folder nor a readable tar archive ({e}). "
                         + HOW_TO_GET) from e
-    for reader in (_read_pickles, _read_binary):
-        arrays = reader(src, dataset)
-        if arrays is not None:
-            return arrays
-    arrays = _read_image_folder(src)
+    with src:
+        arrays = (_read_pickles(src, dataset) or _read_binary(src, dataset)
+                  or _read_image_folder(src))
     if arrays is None:
         raise DataError(f"{path} holds no {dataset} data in a known layout (CIFAR python or "
                         "binary batches, {train,test}/<class>/<images>, or a tfds data_dir). "

@@ -23,14 +23,21 @@ def multistep_schedule(base_lr: float, boundaries: Sequence[int], gamma: float =
 
     ``warmup_lr`` defaults to ``base_lr / 10`` (0.01 for the paper's 0.1).
     """
-    main = optax.piecewise_constant_schedule(base_lr, {int(b): gamma for b in boundaries})
+    main = optax.piecewise_constant_schedule(base_lr, _scales(boundaries, gamma))
     if not warmup_steps:
         return main
     warm = optax.constant_schedule(base_lr / 10 if warmup_lr is None else warmup_lr)
     # join_schedules feeds the second schedule (count - warmup_steps): keep boundaries absolute.
-    shifted = optax.piecewise_constant_schedule(
-        base_lr, {int(b) - warmup_steps: gamma for b in boundaries})
+    shifted = optax.piecewise_constant_schedule(base_lr, _scales(boundaries, gamma, warmup_steps))
     return optax.join_schedules([warm, shifted], [warmup_steps])
+
+
+def _scales(boundaries: Sequence[int], gamma: float, shift: int = 0) -> dict[int, float]:
+    """A boundary listed k times scales by gamma ** k, as MultiStepLR's repeated milestones do."""
+    scales: dict[int, float] = {}
+    for b in boundaries:
+        scales[int(b) - shift] = scales.get(int(b) - shift, 1.0) * gamma
+    return scales
 
 
 def epoch_milestones_to_steps(milestones: Sequence[int], steps_per_epoch: int) -> list[int]:

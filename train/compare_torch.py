@@ -1,0 +1,168 @@
+"""Same recipe, two frameworks: flaxres (``train.cifar``) vs a plain PyTorch loop, over seeds.
+
+    python -m train.compare_torch --arch resnet20 --data-dir ../shared/data/cifar10-jpeg.tar.gz \\
+        --epochs 3 --subset 10000 --seeds 0 1 2 --json compare.json
+
+Both sides get the same arrays, batch size, epochs, per-iteration lr schedule (the very optax
+schedule function, evaluated in Python for PyTorch), SGD hyper-parameters, normalisation and
+augmentation (4-px zero pad + random crop + flip, drawn with each framework's own RNG) and the
+reference PyTorch model of :func:`parity.reference.create_torch_model`. Each prints mean +- std
+final test accuracy; ``--json`` keeps every run's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from train import cifar
+from train.config import Config
+
+
+def torch_augment(x, gen):
+    """uint8 NHWC -> uint8 NHWC: zero-pad 4, random 32x32 crop, flip half (vectorised)."""
+    import torch
+
+    n = x.shape[0]
+    padded = torch.nn.functional.pad(x, (0, 0, 4, 4, 4, 4))
+    oy, ox = (torch.randint(0, 9, (n,), generator=gen) for _ in range(2))
+    ar = torch.arange(32)
+    rows = (oy[:, None] + ar)[:, :, None]
+    cols = (ox[:, None] + ar)[:, None, :]
+    out = padded[torch.arange(n)[:, None, None], rows, cols]
+    flip = torch.rand(n, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(2), out)
+
+
+def train_torch(cfg: Config, threads: int | None = None) -> dict:
+    """The PyTorch reference loop for ``cfg`` (CPU), as the popular CIFAR scripts train."""
+    import torch
+
+    from parity.reference import create_torch_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    arrays, _, _ = cifar.load_data(cfg)
+    xtr, ytr = torch.from_numpy(arrays.train_images), torch.from_numpy(arrays.train_labels).long()
+    xte, yte = torch.from_numpy(arrays.test_images), torch.from_numpy(arrays.test_labels).long()
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+
+    def prep(x):  # uint8 NHWC -> normalised NCHW, as ToTensor + Normalize
+        return (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+    model = create_torch_model(cfg.arch, num_classes=cfg.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    spe = len(ytr) // cfg.batch_size
+    total = cfg.total_steps(spe)
+    schedule = cfg.lr_schedule(spe)
+    step, t0, history = 0, time.perf_counter(), []
+    while step < total:
+        model.train()
+        perm = torch.randperm(len(ytr), generator=gen)
+        t_ep, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+        for i in range(min(spe, total - step)):
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            x = prep(torch_augment(xtr[idx], gen) if cfg.augment else xtr[idx])
+            for g in opt.param_groups:
+                g["lr"] = float(schedule(step))
+            out = model(x)
+            loss = torch.nn.functional.cross_entropy(out, ytr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += loss.item() * len(idx)
+            correct += (out.argmax(1) == ytr[idx]).sum().item()
+            seen += len(idx)
+        elapsed = time.perf_counter() - t_ep
+        history.append({"epoch": len(history) + 1, "train_loss": loss_sum / seen,
+                        "train_acc": correct / seen, "img_per_s": seen / elapsed})
+        print(f"  torch epoch {len(history)}: train loss {loss_sum / seen:.4f} acc "
+              f"{correct / seen:.2%} ({seen / elapsed:.0f} img/s)", flush=True)
+    model.eval()
+    with torch.no_grad():
+        correct = sum((model(prep(xte[i:i + 1000])).argmax(1) == yte[i:i + 1000]).sum().item()
+                      for i in range(0, len(yte), 1000))
+    return {"final_acc": correct / len(yte), "history": history,
+            "train_time": time.perf_counter() - t0}
+
+
+def train_flax(cfg: Config) -> dict:
+    with tempfile.TemporaryDirectory() as wd:
+        cfg.workdir = wd
+        t0 = time.perf_counter()
+        res = cifar.train(cfg)
+    res["train_time"] = time.perf_counter() - t0
+    return res
+
+
+def summarize(accs: list[float]) -> dict:
+    return {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "runs": accs}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m train.compare_torch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet20", help="architecture (default: resnet20)")
+    p.add_argument("--data-dir", required=True, help="CIFAR source, as for train.cifar")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run (default: 3)")
+    p.add_argument("--subset", type=int, default=None,
+                   help="train on the first N images only (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds, one run per framework each (default: 0 1 2)")
+    p.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+    p.add_argument("--lr", type=float, default=0.1, help="(default: 0.1)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 1e-4)")
+    p.add_argument("--schedule", default="paper", choices=("paper", "multistep", "cosine"),
+                   help="lr schedule compressed to --epochs (default: paper, /10 at 50%% and "
+                        "75%%)")
+    p.add_argument("--frameworks", nargs="+", default=["flax", "torch"],
+                   choices=("flax", "torch"), help="which sides to run (default: both)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="PyTorch intra-op threads (default: PyTorch's choice)")
+    p.add_argument("--json", default="compare_torch.json", help="results file "
+                   "(default: compare_torch.json)")
+    args = p.parse_args(argv)
+    cifar.enable_compilation_cache()
+    results: dict = {"config": vars(args), "runs": {}}
+    for fw in args.frameworks:
+        runs = []
+        for seed in args.seeds:
+            cfg = Config(arch=args.arch, data_dir=args.data_dir, epochs=args.epochs,
+                         subset=args.subset, seed=seed, batch_size=args.batch_size, lr=args.lr,
+                         weight_decay=args.weight_decay, schedule=args.schedule, plot=False)
+            print(f"{fw} seed {seed}", flush=True)
+            res = train_flax(cfg) if fw == "flax" else train_torch(cfg, args.threads)
+            runs.append({"seed": seed, "final_acc": res["final_acc"],
+                         "train_time": res["train_time"],
+                         "img_per_s": [h["img_per_s"] for h in res["history"]]})
+            print(f"{fw} seed {seed}: final test acc {res['final_acc']:.2%} "
+                  f"({res['train_time']:.0f} s)", flush=True)
+            results["runs"][fw] = runs
+            results[fw] = summarize([r["final_acc"] for r in runs])
+            Path(args.json).write_text(json.dumps(results, indent=1))  # partial results survive
+    print(f"\n{args.arch}, {args.epochs} epochs, {args.subset or 'all'} training images, "
+          f"seeds {args.seeds}:")
+    for fw in args.frameworks:
+        s = results[fw]
+        # img/s after the first epoch (which includes XLA compilation for flax)
+        ips = np.mean(np.concatenate([r["img_per_s"][1:] or r["img_per_s"]
+                                      for r in results["runs"][fw]]))
+        print(f"  {fw:<6} test acc {s['mean']:.2%} +- {s['std']:.2%}   ({ips:.0f} img/s)")
+    print(f"results: {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
