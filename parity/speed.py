@@ -39,7 +39,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 FRAMEWORKS = ("flaxres-jit", "torch-eager", "torch-channels_last", "torch-compile")
 
@@ -320,14 +320,9 @@ def build_torch(arch, args, x_np, y_np, jmodel, variants):
 def e2e(arch, args, jb, tb) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    import optax
     import torch
-    from flax import nnx
 
-    import flaxres
     from train import data as tdata
-    from train.optim import sgd
 
     arrays = tdata.load_arrays("cifar10", args.data_dir)
     imgs, labels = arrays.train_images, arrays.train_labels
@@ -339,7 +334,7 @@ def e2e(arch, args, jb, tb) -> dict:
     res = {"images": steps * bs, "of_epoch": n_total}
 
     # flaxres: dataset on device as uint8; gather + augment + normalise inside the jitted step.
-    graphdef, tx, train_step = jb["graphdef"], jb["tx"], jb["train_fn"]
+    tx, train_step = jb["tx"], jb["train_fn"]
     dimgs, dlabels = jax.device_put(imgs), jax.device_put(labels)
 
     def full_step(p, r, o, idx, key):
@@ -511,7 +506,6 @@ def plot(results: dict, path: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     set_threads(args.threads)
-    import jax
     import numpy as np
     import torch
     torch.set_num_threads(args.threads)
