@@ -40,7 +40,6 @@ CHUNK_ROWS = int(os.environ.get("FLAXRES_WGRAD_CHUNK_ROWS", "4096"))
 ENABLED = os.environ.get("FLAXRES_FAST_OPS", "1") != "0"
 CONV = True  # the weight-gradient GEMM path of conv_general_dilated
 BN = True    # the closed-form backward of batch_norm_train
-PAD_ONCE = os.environ.get("FLAXRES_WGRAD_PAD_ONCE", "0") == "1"
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -132,12 +131,8 @@ def weight_grad(x, g, w_shape: Sequence[int], strides, pads, chunk_rows: int | N
     per = max(1, min(n, rows // max(ho * wo, 1)))
     nchunks = -(-n // per)
     extra = nchunks * per - n  # zero images add nothing to the sum
-    if PAD_ONCE:  # spatial zero padding once for the whole batch, not per chunk
-        x = jnp.pad(x, ((0, extra), pads[0], pads[1], (0, 0)))
-        pads = ((0, 0), (0, 0))
-    elif extra:
-        x = jnp.pad(x, ((0, extra), (0, 0), (0, 0), (0, 0)))
     if extra:
+        x = jnp.pad(x, ((0, extra), (0, 0), (0, 0), (0, 0)))
         g = jnp.pad(g, ((0, extra), (0, 0), (0, 0), (0, 0)))
     xs = x.reshape((nchunks, per) + x.shape[1:])
     gs = g.reshape((nchunks, per) + g.shape[1:])
