@@ -323,6 +323,7 @@ def e2e(arch, args, jb, tb) -> dict:
     import torch
 
     from train import data as tdata
+    from train.config import CIFAR_MEAN as mean, CIFAR_STD as std
 
     arrays = tdata.load_arrays("cifar10", args.data_dir)
     imgs, labels = arrays.train_images, arrays.train_labels
@@ -330,7 +331,6 @@ def e2e(arch, args, jb, tb) -> dict:
     bs = args.batch_size
     n_img = min(args.e2e_images or n_total, n_total)
     steps = max(2, n_img // bs)
-    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
     res = {"images": steps * bs, "of_epoch": n_total}
 
     # flaxres: dataset on device as uint8; gather + augment + normalise inside the jitted step.
