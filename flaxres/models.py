@@ -37,25 +37,26 @@ class BatchNorm(nnx.Module):
     Differs from ``nnx.BatchNorm`` in two ways that matter for parity: ``momentum`` is PyTorch's
     (weight of the *new* batch statistic, default 0.1), and the running variance is updated with
     the unbiased batch variance (n / (n-1)) while normalisation uses the biased one. Statistics are
-    computed in fp32 whatever the compute dtype. Under ``jax.jit`` with a batch-sharded input the
+    computed in at least fp32 whatever the compute dtype. Under ``jax.jit`` with a batch-sharded input the
     means are over the global batch, as in a single-device PyTorch run.
     """
 
     def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
-                 dtype: jnp.dtype | None = None, use_running_average: bool = False):
+                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+                 use_running_average: bool = False):
         self.num_features = num_features
         self.momentum = momentum
         self.epsilon = epsilon
         self.dtype = dtype
         self.use_running_average = use_running_average
-        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out_dtype = self.dtype or x.dtype
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(ops.accumulation_dtype(x.dtype))
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
@@ -74,9 +75,10 @@ class BatchNorm(nnx.Module):
 class _Layers:
     """Builds conv / norm layers with one dtype, norm choice and RNG stream for a whole net."""
 
-    def __init__(self, *, norm: bool, bn_momentum: float, bn_eps: float, dtype, rngs: nnx.Rngs):
+    def __init__(self, *, norm: bool, bn_momentum: float, bn_eps: float, dtype, param_dtype,
+                 rngs: nnx.Rngs):
         self.norm, self.bn_momentum, self.bn_eps = norm, bn_momentum, bn_eps
-        self.dtype, self.rngs = dtype, rngs
+        self.dtype, self.param_dtype, self.rngs = dtype, param_dtype, rngs
 
     def conv(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
              bias: bool | None = None) -> nnx.Conv:
@@ -86,6 +88,7 @@ class _Layers:
         p = k // 2
         return nnx.Conv(cin, cout, (k, k), (stride, stride), padding=((p, p), (p, p)),
                         feature_group_count=groups, use_bias=use_bias, dtype=self.dtype,
+                        param_dtype=self.param_dtype,
                         kernel_init=conv_kernel_init,
                         bias_init=_uniform_bias_init(cin // groups * k * k),
                         conv_general_dilated=ops.conv_general_dilated, rngs=self.rngs)
@@ -93,10 +96,12 @@ class _Layers:
     def bn(self, features: int) -> BatchNorm | None:
         if not self.norm:
             return None
-        return BatchNorm(features, momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype)
+        return BatchNorm(features, momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype,
+                         param_dtype=self.param_dtype)
 
     def linear(self, cin: int, cout: int) -> nnx.Linear:
-        return nnx.Linear(cin, cout, dtype=self.dtype, kernel_init=linear_kernel_init,
+        return nnx.Linear(cin, cout, dtype=self.dtype, param_dtype=self.param_dtype,
+                          kernel_init=linear_kernel_init,
                           bias_init=_uniform_bias_init(cin), rngs=self.rngs)
 
 
@@ -200,7 +205,9 @@ class ResNet(nnx.Module):
         everywhere, ``None`` for a plain net without shortcuts.
       norm: ``False`` drops every BatchNorm (convs then carry biases), for the degradation study.
       groups, width_per_group: ResNeXt cardinality and bottleneck width.
-      dtype: computation dtype (``jnp.float32`` or ``jnp.bfloat16``); parameters stay fp32.
+      dtype: computation dtype (``jnp.float32`` or ``jnp.bfloat16``).
+      param_dtype: parameter and BatchNorm-statistics dtype (fp32; ``jnp.float64`` under
+        ``jax.enable_x64`` for float64 parity checks, with ``dtype=jnp.float64``).
       bn_momentum, bn_eps: PyTorch conventions (new = (1 - m) * old + m * batch).
     """
 
@@ -208,12 +215,14 @@ class ResNet(nnx.Module):
                  num_classes: int = 10, stem: Stem = "cifar", stem_width: int = 16,
                  shortcut: Shortcut = "A", norm: bool = True, groups: int = 1,
                  width_per_group: int = 64, in_channels: int = 3, dtype=jnp.float32,
-                 bn_momentum: float = 0.1, bn_eps: float = 1e-5, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, bn_momentum: float = 0.1, bn_eps: float = 1e-5,
+                 rngs: nnx.Rngs):
         if shortcut not in ("A", "B", "C", None):
             raise ValueError(f"shortcut must be 'A', 'B', 'C' or None (plain net), got {shortcut!r}")
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
-        L = _Layers(norm=norm, bn_momentum=bn_momentum, bn_eps=bn_eps, dtype=dtype, rngs=rngs)
+        L = _Layers(norm=norm, bn_momentum=bn_momentum, bn_eps=bn_eps, dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs)
         self.in_channels, self.stem, self.dtype = in_channels, stem, dtype
         k = 7 if stem == "imagenet" else 3
         self.conv1 = L.conv(in_channels, stem_width, k, 2 if stem == "imagenet" else 1)
@@ -260,4 +269,4 @@ class ResNet(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.features(x)[-1]
-        return self.fc(x.mean(axis=(1, 2))).astype(jnp.float32)
+        return self.fc(x.mean(axis=(1, 2))).astype(ops.accumulation_dtype(self.dtype))

@@ -44,6 +44,11 @@ BN = True    # the closed-form backward of batch_norm_train
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """Sums and statistics run in fp32 for bf16/fp32 compute, in float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _is_nhwc_hwio(dimension_numbers) -> bool:
     if dimension_numbers is None:
         return False
@@ -124,8 +129,9 @@ def _patches(x, kh: int, kw: int, strides, pads, ho: int, wo: int):
 
 def weight_grad(x, g, w_shape: Sequence[int], strides, pads, chunk_rows: int | None = None):
     """dL/dW of an NHWC/HWIO convolution (no dilation, one group) from its input ``x`` and the
-    output cotangent ``g``, as a scan of GEMMs over batch chunks; fp32 accumulation."""
+    output cotangent ``g``, as a scan of GEMMs over batch chunks; at least fp32 accumulation."""
     kh, kw, cin, cout = w_shape
+    acc_dtype = accumulation_dtype(x.dtype)
     n, ho, wo, _ = g.shape
     rows = chunk_rows or CHUNK_ROWS
     per = max(1, min(n, rows // max(ho * wo, 1)))
@@ -140,14 +146,14 @@ def weight_grad(x, g, w_shape: Sequence[int], strides, pads, chunk_rows: int | N
     def chunk(xc, gc):
         p = _patches(xc, kh, kw, strides, pads, ho, wo).reshape(per * ho * wo, kh * kw * cin)
         return lax.dot_general(gc.reshape(per * ho * wo, cout), p, (((0,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)  # (cout, kh*kw*cin)
+                               preferred_element_type=acc_dtype)  # (cout, kh*kw*cin)
 
     if nchunks == 1:
         acc = chunk(xs[0], gs[0])
     else:
         def body(acc, xg):
             return acc + chunk(*xg), None
-        acc, _ = lax.scan(body, jnp.zeros((cout, kh * kw * cin), jnp.float32), (xs, gs))
+        acc, _ = lax.scan(body, jnp.zeros((cout, kh * kw * cin), acc_dtype), (xs, gs))
     return acc.T.reshape(kh, kw, cin, cout)
 
 

@@ -15,6 +15,7 @@ per deep net on 2 cores. ``check_blockwise`` proves the composition equals the w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -22,6 +23,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +50,8 @@ SUBSETS = {"blockwise": [("resnet20", {}), ("plain20", {"norm": False}), ("resne
                          ("resnet18", {}), ("resnext29_8x64d", {})]}
 TOL = {"schedule": 1e-6, "eval": 1e-5, "train": 1e-5, "features": 1e-5, "grads": 1e-4, "optim": 1e-6,
        "traj_loss": 1e-4, "traj_state": 1e-3, "checkpoint": 1e-5, "blockwise": 1e-5}
+FLOOR_FACTOR = 2.0  # flaxres fp32 may be at most this much less accurate than PyTorch fp32
+PRECISIONS = ("fp32", "fp64")
 TRAJ_STEPS = 20
 TRAJ_BASE_LR = 2e-4  # see check_trajectory: larger rates make 20-step trajectories chaotic
 TRAJ_LR = multistep_schedule(TRAJ_BASE_LR, boundaries=(10, 15), gamma=0.1, warmup_steps=3)
@@ -59,42 +63,71 @@ def case_id(name: str, overrides: dict) -> str:
 
 @dataclasses.dataclass
 class Measure:
+    """The worst tensor of one check at one precision.
+
+    ``fp64``: both frameworks in float64, held to the issue's tolerance: this is the proof that
+    flaxres computes the same function (any mapping or semantics bug is O(1) here). ``fp32``:
+    flaxres in fp32 against the float64 reference; a tensor passes if within the tolerance or
+    within ``FLOOR_FACTOR`` times PyTorch fp32's own error against that reference (``floor``):
+    deep BatchNorm nets amplify rounding exponentially with depth (PyTorch fp32 itself is 0.29
+    from float64 on plain110's logits), so no fp32 implementation can meet 1e-5 there.
+    """
+
     check: str
+    precision: str
     error: float
     tol: float
     where: str
+    floor: float = 0.0
     extra_ok: bool = True
     note: str = ""
 
     @property
+    def allowed(self) -> float:
+        return max(self.tol, FLOOR_FACTOR * self.floor)
+
+    @property
     def ok(self) -> bool:
-        return bool(self.error <= self.tol and self.extra_ok)
+        return bool(self.error <= self.allowed and self.extra_ok)
 
     def __str__(self) -> str:
-        s = f"{self.check}: max rel err {self.error:.2e} (tol {self.tol:.0e}) worst at {self.where}"
+        s = (f"{self.check} [{self.precision}]: max rel err {self.error:.2e} (tol {self.tol:.0e}"
+             + (f"; PyTorch fp32 {self.floor:.2e}" if self.floor > self.tol / FLOOR_FACTOR else "")
+             + f") worst at {self.where}")
         return s + (f"; {self.note}" if self.note else "")
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    """||a - b|| / ||b|` (b the PyTorch value); the absolute error where b is all zeros."""
+    """||a - b|| / ||b|| (b the reference); the absolute error where b is all zeros."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     nb = np.linalg.norm(b)
     d = np.linalg.norm(a - b)
     return float(d / nb) if nb > 0 else float(d)
 
 
-def worst(check: str, pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], tol: float | None = None,
+def worst(check: str, precision: str, pairs: Iterable[tuple], tol: float | None = None,
           **kw) -> Measure:
-    """Measure over named (flaxres, torch) pairs; shapes must agree exactly."""
-    err, where = 0.0, "-"
-    for name, a, b in pairs:
+    """Measure over named ``(name, flaxres, reference[, pytorch_fp32])`` tuples: the tensor
+    worst relative to what it is allowed; shapes must agree exactly."""
+    tol = TOL[check] if tol is None else tol
+    m = Measure(check, precision, 0.0, tol, "-", **kw)
+    ratio = -1.0
+    for name, a, b, *t32 in pairs:
         if np.shape(a) != np.shape(b):
-            return Measure(check, float("inf"), TOL.get(check, tol), f"{name} shape "
-                           f"{np.shape(a)} vs {np.shape(b)}")
+            return Measure(check, precision, float("inf"), tol,
+                           f"{name} shape {np.shape(a)} vs {np.shape(b)}", **kw)
         e = rel_err(a, b)
-        if not e <= err:  # NaN counts as worst
-            err, where = e, name
-    return Measure(check, err, TOL[check] if tol is None else tol, where, **kw)
+        floor = rel_err(t32[0], b) if t32 else 0.0
+        r = e / max(tol, FLOOR_FACTOR * floor)
+        if not r <= ratio:  # NaN counts as worst
+            ratio, m.error, m.where, m.floor = r, e, name, floor
+    return m
+
+
+def same_classes(j: np.ndarray, ref: np.ndarray) -> tuple[bool, str]:
+    """Predicted classes equal the reference's, and a note naming how many differ."""
+    bad = j.argmax(1) != ref.argmax(1)
+    return (not bad.any(), f"argmax differs on {int(bad.sum())} of {len(bad)}" if bad.any() else "")
 
 
 def input_size(name: str) -> tuple[int, int]:
@@ -129,16 +162,40 @@ class _Head(nnx.Module):
         return self.fc(x.mean(axis=(1, 2)))
 
 
+@contextlib.contextmanager
+def _relus(given: list | None = None):
+    """Within: ``nnx.relu`` (which the models call) records where its input is > 0, or, given such
+    a record, applies it in place of its input's own signs: the float64 function on the same side
+    of every ReLU kink as an fp32 run, whose rounding can move an input near 0 across it."""
+    seen, pattern = [], None if given is None else iter(given)
+
+    def relu(v):
+        if pattern is None:
+            seen.append(v > 0)
+            return jax.nn.relu(v)
+        return jnp.where(next(pattern), v, jnp.zeros_like(v))
+
+    with mock.patch.object(nnx, "relu", relu):
+        yield seen
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(gd, params, stats, x):
+def _forward(gd, params, stats, x, relus=None):
     m = nnx.merge(gd, params, stats, copy=True)
-    y = m(x)
+    with _relus(relus):
+        y = m(x)
     return y, nnx.state(m, nnx.BatchStat)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _vjp(gd, params, stats, x, gy):
-    return jax.vjp(lambda p, x: nnx.merge(gd, p, stats, copy=True)(x), params, x)[1](gy)
+def _vjp(gd, params, stats, x, gy, relus=None):
+    """The unit's vjp, and where its ReLU inputs were > 0 (or ``relus`` applied instead)."""
+    def f(p, x):
+        with _relus(relus) as seen:
+            return nnx.merge(gd, p, stats, copy=True)(x), seen
+
+    _, vjp, seen = jax.vjp(f, params, x, has_aux=True)
+    return vjp(gy), seen
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -172,27 +229,30 @@ class Blockwise:
             *(nnx.split(m, nnx.Param, nnx.BatchStat) for m in self.modules), strict=True)
         self.params, self.stats = list(self.params), list(self.stats)
 
-    def forward(self, x) -> tuple[jax.Array, list[jax.Array], list, list]:
-        """Logits, features (stem + stage outputs), each unit's input, each unit's new stats."""
+    def forward(self, x, relus: list | None = None) -> tuple[jax.Array, list, list, list]:
+        """Logits, features (stem + stage outputs), each unit's input, each unit's new stats;
+        ``relus``: per unit, the ReLU sign pattern to apply (see ``_relus``)."""
         feats, inputs, new_stats = [], [], []
         for i, gd in enumerate(self.gd):
             inputs.append(x)
-            x, s = _forward(gd, self.params[i], self.stats[i], x)
+            x, s = _forward(gd, self.params[i], self.stats[i], x, relus and relus[i])
             new_stats.append(s)
             if i in self.feature_units:
                 feats.append(x)
         return x, feats, inputs, new_stats
 
-    def grads(self, x, y) -> tuple[jax.Array, jax.Array, list[jax.Array], list, list]:
-        """Mean cross-entropy, logits, features, per-unit gradients and new BN statistics."""
-        _, feats, inputs, new_stats = self.forward(x)
+    def grads(self, x, y, relus: list | None = None) -> tuple:
+        """Mean cross-entropy, logits, features, per-unit gradients, new BN statistics and
+        ReLU sign patterns (``relus`` applied if given)."""
+        _, feats, inputs, new_stats = self.forward(x, relus)
         loss, logits, (g_head, g) = _loss_and_grads(self.gd[-1], self.params[-1], self.stats[-1],
                                                     inputs[-1], y)
-        grads = [None] * len(self.gd)
+        grads, seen = [None] * len(self.gd), [[] for _ in self.gd]
         grads[-1] = g_head
         for i in reversed(range(len(self.gd) - 1)):
-            grads[i], g = _vjp(self.gd[i], self.params[i], self.stats[i], inputs[i], g)
-        return loss, logits, feats, grads, new_stats
+            (grads[i], g), seen[i] = _vjp(self.gd[i], self.params[i], self.stats[i], inputs[i], g,
+                                          relus and relus[i])
+        return loss, logits, feats, grads, new_stats, seen
 
     def named(self, states: list | None = None) -> dict[str, np.ndarray]:
         """Per-unit states (e.g. gradients) under PyTorch names; default: weights and BN stats."""
@@ -228,18 +288,6 @@ def _bn_stats(model: torch.nn.Module) -> dict[str, np.ndarray]:
             if k.endswith(("running_mean", "running_var"))}
 
 
-def _float64_grads(model: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> dict[str, np.ndarray]:
-    """Train-mode gradients of the reference computed in float64: the exact function's gradient.
-
-    Measured: PyTorch's own fp32 gradients differ from these by up to 7e-3 (resnet20,
-    ``layer1.1.bn1.bias``; ~1e-2 on resnet56: cancellation in sums of nearly opposite terms)
-    while flaxres fp32 stays within ~1e-6, so fp32 PyTorch cannot serve as the yardstick.
-    """
-    ref = copy.deepcopy(model).double().train()
-    F.cross_entropy(ref(x.double()), torch.from_numpy(y)).backward()
-    return {n: p.grad.numpy() for n, p in ref.named_parameters()}
-
-
 def _randomize_bn(model: torch.nn.Module, x: torch.Tensor, seed: int) -> None:
     """BN weight/bias random, running stats = statistics of a calibration batch (not 0/1)."""
     gen = torch.Generator().manual_seed(seed)
@@ -255,11 +303,39 @@ def _randomize_bn(model: torch.nn.Module, x: torch.Tensor, seed: int) -> None:
         m.momentum = 0.1
 
 
+_TORCH_DTYPE = {"fp32": torch.float32, "fp64": torch.float64}
+_NP_DTYPE = {"fp32": np.float32, "fp64": np.float64}  # also flaxres's dtype / param_dtype
+
+
+def _torch_trajectory(model: torch.nn.Module, batches, precision: str) -> tuple[list, dict]:
+    """TRAJ_STEPS of torch.optim.SGD with the warm-up + MultiStepLR schedule of TRAJ_LR."""
+    dt = _TORCH_DTYPE[precision]
+    ref = copy.deepcopy(model).to(dt).train()
+    opt = torch.optim.SGD(ref.parameters(), lr=TRAJ_BASE_LR, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.ChainedScheduler([
+        torch.optim.lr_scheduler.ConstantLR(opt, factor=0.1, total_iters=3),
+        torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[10, 15], gamma=0.1)])
+    losses = []
+    for x, y in batches[:TRAJ_STEPS]:
+        opt.zero_grad()
+        loss = F.cross_entropy(ref(torch.from_numpy(x).to(dt)), torch.from_numpy(y))
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses, {k: v.numpy() for k, v in ref.state_dict().items()}
+
+
 # ---------------------------------------------------------------- the checks
 
 
 class Case:
-    """One architecture (plus overrides) in both frameworks with the same weights and inputs."""
+    """One architecture (plus overrides) in both frameworks with the same weights and inputs.
+
+    Every check runs flaxres in fp32 and in float64 (``jax.enable_x64``) against the PyTorch
+    reference in float64 (the exact function), and PyTorch in fp32 too, which measures how far
+    fp32 rounding alone moves this net (see :class:`Measure`).
+    """
 
     def __init__(self, name: str, overrides: dict | None = None, seed: int = 0):
         torch.manual_seed(seed)
@@ -272,144 +348,217 @@ class Case:
                          rng.integers(0, 10, self.batch)) for _ in range(TRAJ_STEPS + 2)]
         self.torch_model = create_torch_model(name, **self.overrides)
         _randomize_bn(self.torch_model, torch.from_numpy(self.batches[-1][0]), seed)
-        self.model = flaxres.create_model(name, **self.overrides)
-        from_torch(self.model, self.torch_model.state_dict())
+        self._models: dict[str, flaxres.ResNet] = {}
+        self._cache: dict[tuple[str, str], dict] = {}
 
-    def _x(self, i: int) -> tuple[torch.Tensor, jax.Array, np.ndarray]:
+    def model(self, precision: str, source=None) -> flaxres.ResNet:
+        """The flaxres net with the reference's weights (or ``source``'s) at ``precision``;
+        fp64 models must be used inside ``jax.enable_x64(True)``."""
+        if source is None and precision in self._models:
+            return self._models[precision]
+        dt = _NP_DTYPE[precision]
+        with jax.enable_x64(precision == "fp64"):
+            m = from_torch(flaxres.create_model(self.name, dtype=dt, param_dtype=dt, **self.overrides),
+                           self.torch_model.state_dict() if source is None else source)
+        if source is None:
+            self._models[precision] = m
+        return m
+
+    def _x(self, i: int, precision: str = "fp32") -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Batch i as NCHW torch tensor, NHWC array for JAX, labels; at ``precision``."""
         x, y = self.batches[i]
-        return torch.from_numpy(x), jnp.asarray(x.transpose(0, 2, 3, 1)), y
+        x = x.astype(_NP_DTYPE[precision])
+        return torch.from_numpy(x), x.transpose(0, 2, 3, 1), y
 
-    @functools.cached_property
-    def _eval(self):
-        tx, jx, _ = self._x(-2)
-        ref = copy.deepcopy(self.torch_model).eval()
-        with torch.no_grad():
-            t_logits, t_feats = _torch_features(ref, tx)
-        j_logits, j_feats, _, _ = Blockwise(self.model, train=False).forward(jx)
-        return t_logits.numpy(), [_nhwc(f) for f in t_feats], np.asarray(j_logits), j_feats
+    def _ref(self, precision: str, train: bool) -> dict:
+        """PyTorch at ``precision`` on batch 0 (train mode: also loss, grads, BN stats) or on
+        batch -2 (eval mode)."""
+        key = ("train" if train else "eval", precision)
+        if key not in self._cache:
+            tx, _, y = self._x(0 if train else -2, precision)
+            ref = copy.deepcopy(self.torch_model).to(_TORCH_DTYPE[precision]).train(train)
+            with torch.set_grad_enabled(train):
+                logits, feats = _torch_features(ref, tx)
+                out = {"logits": logits.detach().numpy(), "feats": [_nhwc(f) for f in feats]}
+                if train:
+                    loss = F.cross_entropy(logits, torch.from_numpy(y))
+                    loss.backward()
+                    out.update(loss=loss.item(), stats=_bn_stats(ref),
+                               grads={n: p.grad.numpy() for n, p in ref.named_parameters()})
+            self._cache[key] = out
+        return self._cache[key]
 
-    @functools.cached_property
-    def _train(self):
-        tx, jx, y = self._x(0)
-        ref = copy.deepcopy(self.torch_model).train()
-        t_logits, t_feats = _torch_features(ref, tx)
-        t_loss = F.cross_entropy(t_logits, torch.from_numpy(y))
-        t_loss.backward()
-        t_grads = _float64_grads(self.torch_model, tx, y)
-        net = Blockwise(self.model, train=True)
-        loss, logits, feats, grads, new_stats = net.grads(jx, jnp.asarray(y))
-        return {"t_loss": t_loss.item(), "t_logits": t_logits.detach().numpy(),
-                "t_feats": [_nhwc(f) for f in t_feats], "t_grads": t_grads,
-                "t_stats": _bn_stats(ref), "loss": float(loss), "logits": np.asarray(logits),
-                "feats": feats, "grads": net.named(grads), "stats": net.named(new_stats)}
+    def _flax(self, precision: str, train: bool) -> dict:
+        key = ("flax-train" if train else "flax-eval", precision)
+        if key not in self._cache:
+            _, jx, y = self._x(0 if train else -2, precision)
+            with jax.enable_x64(precision == "fp64"):
+                net = Blockwise(self.model(precision), train=train)
+                if train:
+                    loss, logits, feats, grads, stats, relus = net.grads(jx, jnp.asarray(y))
+                    out = {"loss": float(loss), "grads": net.named(grads), "stats": net.named(stats),
+                           "relus": relus}
+                else:
+                    logits, feats, _, _ = net.forward(jx)
+                    out = {}
+                out.update(logits=np.asarray(logits), feats=[np.asarray(f) for f in feats])
+            self._cache[key] = out
+        return self._cache[key]
+
+    def _pairs(self, train: bool, keys, p: str) -> list[tuple]:
+        """(name, flaxres at p, PyTorch float64[, PyTorch fp32]) for the tensors on both sides."""
+        j, r, t = self._flax(p, train), self._ref("fp64", train), self._ref("fp32", train)
+        out = []
+        for key in keys:
+            jk, rk, tk = _flat(key, j[key]), _flat(key, r[key]), _flat(key, t[key])
+            out += [(n, jk[n], v) + ((tk[n],) if p == "fp32" else ()) for n, v in rk.items() if n in jk]
+        return out
 
     def check_eval(self) -> list[Measure]:
-        """1. eval-mode logits, and the predicted classes identical."""
-        t, _, j, _ = self._eval
-        same = bool((t.argmax(1) == j.argmax(1)).all())
-        return [worst("eval", [("logits", j, t)], extra_ok=same,
-                      note="" if same else "argmax differs")]
+        """1. eval-mode logits, and the predicted classes identical (in fp32: unless fp32 itself
+        moves PyTorch's logits beyond the tolerance, where classes near a tie are a coin toss)."""
+        out = []
+        for p in PRECISIONS:
+            m = worst("eval", p, self._pairs(False, ["logits"], p))
+            if p == "fp64" or m.floor <= m.tol:
+                m.extra_ok, m.note = same_classes(self._flax(p, False)["logits"],
+                                                  self._ref("fp64", False)["logits"])
+            out.append(m)
+        return out
 
     def check_train(self) -> list[Measure]:
         """2. train-mode logits and the BN running mean/var after one forward (PyTorch momentum,
         unbiased running variance)."""
-        r = self._train
-        stats = [(k, r["stats"][k], v) for k, v in r["t_stats"].items()]
-        missing = set(r["t_stats"]) ^ set(r["stats"])
-        return [worst("train", [("logits", r["logits"], r["t_logits"]), *stats],
-                      extra_ok=not missing, note=f"stats only on one side: {sorted(missing)}"
-                      if missing else "")]
+        out = []
+        for p in PRECISIONS:
+            missing = set(self._flax(p, True)["stats"]) ^ set(self._ref("fp64", True)["stats"])
+            out.append(worst("train", p, self._pairs(True, ["logits", "stats"], p),
+                             extra_ok=not missing,
+                             note=f"stats only on one side: {sorted(missing)}" if missing else ""))
+        return out
 
     def check_features(self) -> list[Measure]:
         """3. stem and per-stage activations, eval and train mode."""
-        _, tf, _, jf = self._eval
-        r = self._train
-        names = ["stem"] + [f"layer{i}" for i in range(1, len(tf))]
-        pairs = [(f"eval:{n}", a, b) for n, a, b in zip(names, jf, tf, strict=True)]
-        pairs += [(f"train:{n}", a, b) for n, a, b in zip(names, r["feats"], r["t_feats"], strict=True)]
-        return [worst("features", pairs)]
+        return [worst("features", p, [(f"{mode}:{n}", *rest) for mode, train in
+                                      (("eval", False), ("train", True))
+                                      for n, *rest in self._pairs(train, ["feats"], p)])
+                for p in PRECISIONS]
 
     def check_grads(self) -> list[Measure]:
-        """4. gradient of the mean cross-entropy w.r.t. every parameter (and the loss), against
-        the reference's float64 gradients (see ``_float64_grads``)."""
-        r = self._train
-        missing = set(r["t_grads"]) ^ set(r["grads"])
-        pairs = [("loss", r["loss"], r["t_loss"])]
-        pairs += [(k, r["grads"][k], g) for k, g in r["t_grads"].items() if k in r["grads"]]
-        return [worst("grads", pairs, extra_ok=not missing,
-                      note=f"gradients only on one side: {sorted(missing)}" if missing else "")]
+        """4. the loss and its gradient w.r.t. every parameter. The gradient jumps at a ReLU kink,
+        and fp32 rounding moves some ReLU inputs within ~1e-5 of 0 across it (in PyTorch too, at
+        other inputs); each such flip shifts the gradients below it by ~1e-3. Where the fp32
+        gradients miss the bound, they are measured again against the float64 gradient taken on
+        fp32's side of every kink, and the note says how many inputs flipped."""
+        out = []
+        for p in PRECISIONS:
+            missing = set(self._flax(p, True)["grads"]) ^ set(self._ref("fp64", True)["grads"])
+            m = worst("grads", p, self._pairs(True, ["loss", "grads"], p), extra_ok=not missing,
+                      note=f"gradients only on one side: {sorted(missing)}" if missing else "")
+            if p == "fp32" and not m.ok and not missing:
+                m = self._grads_on_fp32_side()
+            out.append(m)
+        return out
+
+    def _grads_on_fp32_side(self) -> Measure:
+        j, j64, t32 = self._flax("fp32", True), self._flax("fp64", True), self._ref("fp32", True)
+        relus = [[np.asarray(r) for r in unit] for unit in j["relus"]]
+        _, jx, y = self._x(0, "fp64")
+        with jax.enable_x64(True):
+            net = Blockwise(self.model("fp64"), train=True)
+            loss, _, _, grads, _, _ = net.grads(jx, jnp.asarray(y), relus)
+            ref = {"loss": float(loss), **net.named(grads)}
+        flips = sum(int((a != np.asarray(b)).sum()) for u, v in zip(relus, j64["relus"])
+                    for a, b in zip(u, v))
+        total = sum(a.size for u in relus for a in u)
+        mine = {"loss": j["loss"], **j["grads"]}
+        theirs = {"loss": t32["loss"], **t32["grads"]}
+        return worst("grads", "fp32", [(k, mine[k], v, theirs[k]) for k, v in ref.items()],
+                     note=f"against float64 on fp32's side of every ReLU kink ({flips} of "
+                          f"{total} ReLU inputs have the other sign in float64)")
 
     def check_optim(self) -> list[Measure]:
         """5. train.optim.sgd vs torch.optim.SGD, three steps (momentum matters from the second)
-        fed the same gradients (this net's, scaled 1, -0.5, 2), nesterov off and on. SGD is
-        elementwise, so the JAX side runs on all parameters as one flat vector: one tiny compile."""
-        grads = {k: v.astype(np.float32) for k, v in self._train["t_grads"].items()}
-        ref = copy.deepcopy(self.torch_model)
-        params = dict(ref.named_parameters())
-        w0 = {k: v.detach().numpy().copy() for k, v in params.items()}
-
-        def flat(d: dict[str, np.ndarray]) -> jax.Array:
-            return jnp.asarray(np.concatenate([d[k].ravel() for k in params]))
-
+        fed the same gradients (this net's, scaled 1, -0.5, 2), nesterov off and on; in fp32
+        only, as SGD is elementwise (nothing to amplify rounding). The JAX side runs on all
+        parameters as one flat vector: one tiny compile."""
         out = []
-        for nesterov, wd in ((False, 1e-4), (True, 5e-4)):
-            with torch.no_grad():
-                for k, v in params.items():
-                    v.copy_(torch.from_numpy(w0[k]))
-            opt = torch.optim.SGD(params.values(), lr=0.1, momentum=0.9, weight_decay=wd,
-                                  nesterov=nesterov)
-            tx = sgd(0.1, momentum=0.9, weight_decay=wd, nesterov=nesterov)
-            p, g = flat(w0), flat(grads)
-            state = tx.init(p)
-            for scale in (1.0, -0.5, 2.0):
-                for k, v in params.items():
-                    v.grad = torch.from_numpy(scale * grads[k])
-                opt.step()
-                p, state = _opt_step(tx, p, g * scale, state)
-            theirs = np.concatenate([v.detach().numpy().ravel() for v in params.values()])
+        for p in ("fp32",):
+            ref = copy.deepcopy(self.torch_model).to(_TORCH_DTYPE[p])
+            grads = {k: v.astype(_NP_DTYPE[p]) for k, v in self._ref("fp64", True)["grads"].items()}
+            params = dict(ref.named_parameters())
+            w0 = {k: v.detach().numpy().copy() for k, v in params.items()}
             offsets = np.cumsum([0] + [v.numel() for v in params.values()])
-            mine = np.asarray(p)
-            out.append(worst("optim", [(f"{k} (nesterov={nesterov})", mine[a:b], theirs[a:b])
-                                       for k, a, b in zip(params, offsets, offsets[1:])]))
-        return [max(out, key=lambda m: m.error)]
+            measures = []
+            for nesterov, wd in ((False, 1e-4), (True, 5e-4)):
+                with torch.no_grad():
+                    for k, v in params.items():
+                        v.copy_(torch.from_numpy(w0[k]))
+                opt = torch.optim.SGD(params.values(), lr=0.1, momentum=0.9, weight_decay=wd,
+                                      nesterov=nesterov)
+                with jax.enable_x64(p == "fp64"):
+                    tx = sgd(0.1, momentum=0.9, weight_decay=wd, nesterov=nesterov)
+                    flat = [jnp.asarray(np.concatenate([d[k].ravel() for k in params]))
+                            for d in (w0, grads)]
+                    w, g = flat
+                    state = tx.init(w)
+                    for scale in (1.0, -0.5, 2.0):
+                        for k, v in params.items():
+                            v.grad = torch.from_numpy(scale * grads[k])
+                        opt.step()
+                        w, state = _opt_step(tx, w, g * scale, state)
+                    mine = np.asarray(w)
+                theirs = np.concatenate([v.detach().numpy().ravel() for v in params.values()])
+                measures.append(worst("optim", p, [(f"{k} (nesterov={nesterov})", mine[a:b], theirs[a:b])
+                                                   for k, a, b in zip(params, offsets, offsets[1:])]))
+            out.append(max(measures, key=lambda m: m.error))
+        return out
+
+    def _flax_trajectory(self, precision: str) -> tuple[list[float], dict[str, np.ndarray]]:
+        with jax.enable_x64(precision == "fp64"):
+            net = Blockwise(nnx.clone(self.model(precision)), train=True)
+            tx = sgd(TRAJ_LR, momentum=0.9, weight_decay=5e-4)
+            opt_states = [tx.init(p) for p in net.params]
+            losses = []
+            for step in range(TRAJ_STEPS):
+                _, jx, y = self._x(step, precision)
+                loss, _, _, grads, new_stats, _ = net.grads(jx, jnp.asarray(y))
+                for i, g in enumerate(grads):
+                    net.params[i], opt_states[i] = _opt_step(tx, net.params[i], g, opt_states[i])
+                net.stats = new_stats
+                losses.append(float(loss))
+            return losses, {k: np.asarray(v) for k, v in net.named().items()}
 
     def check_trajectory(self) -> list[Measure]:
         """6. TRAJ_STEPS SGD steps (warm-up, two lr drops) from the same weights on the same
-        batches: the loss at every step, then the final weights and running statistics. The
-        reference runs in float64, so the tolerance bounds flaxres's own fp32 drift. The lr is
+        batches: the loss at every step, then the final weights and running statistics. The lr is
         small because the dynamics are chaotic (at lr >= 5e-4, 1e-7 differences in the start
         grow past 1e-4 within 20 steps); dropping momentum still shows as a 3e-2 loss error,
-        while weight decay's effect is below tolerance here (check 5 tests it exactly)."""
-        ref = copy.deepcopy(self.torch_model).double().train()  # the exact trajectory
-        opt = torch.optim.SGD(ref.parameters(), lr=TRAJ_BASE_LR, momentum=0.9, weight_decay=5e-4)
-        sched = torch.optim.lr_scheduler.ChainedScheduler([
-            torch.optim.lr_scheduler.ConstantLR(opt, factor=0.1, total_iters=3),
-            torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[10, 15], gamma=0.1)])
-        model = nnx.clone(self.model)
-        net = Blockwise(model, train=True)
-        tx = sgd(TRAJ_LR, momentum=0.9, weight_decay=5e-4)
-        opt_states = [tx.init(p) for p in net.params]
-        losses = []
-        for step in range(TRAJ_STEPS):
-            tx_, jx, y = self._x(step)
-            opt.zero_grad()
-            t_loss = F.cross_entropy(ref(tx_.double()), torch.from_numpy(y))
-            t_loss.backward()
-            opt.step()
-            sched.step()
-            loss, _, _, grads, new_stats = net.grads(jx, jnp.asarray(y))
-            for i, g in enumerate(grads):
-                net.params[i], opt_states[i] = _opt_step(tx, net.params[i], g, opt_states[i])
-            net.stats = new_stats
-            losses.append((f"loss step {step}", float(loss), t_loss.item()))
-        mine, theirs = net.named(), {k: v.numpy() for k, v in ref.state_dict().items()}
-        return [worst("traj_loss", losses),
-                worst("traj_state", [(k, v, theirs[k]) for k, v in mine.items()])]
+        while weight decay's effect is below tolerance here (check 5 tests it exactly). Even so,
+        fp32 alone moves some nets' trajectories by 1e-2 (PyTorch fp32 vs float64 on
+        resnext29_8x64d: 4.7e-2 at step 11), so the fp32 losses are held to PyTorch fp32's
+        worst step, as one run of a chaotic system cannot be compared step by step."""
+        ref = {p: _torch_trajectory(self.torch_model, self.batches, p) for p in PRECISIONS}
+        out = []
+        t64 = np.array(ref["fp64"][0])
+        t32_drift = max(rel_err(a, b) for a, b in zip(ref["fp32"][0], t64))
+        for p in PRECISIONS:
+            losses, state = self._flax_trajectory(p)
+            m = worst("traj_loss", p, [(f"loss step {i}", a, b) for i, (a, b) in enumerate(zip(losses, t64))])
+            if p == "fp32":  # chaotic: compare the worst step with PyTorch fp32's worst step
+                m.floor = t32_drift
+            out.append(m)
+            out.append(worst("traj_state", p, [
+                (k, v, ref["fp64"][1][k]) + ((ref["fp32"][1][k],) if p == "fp32" else ())
+                for k, v in state.items()]))
+        return out
 
     def check_checkpoint(self) -> list[Measure]:
         """7. train the reference 3 steps in PyTorch, torch.save it bare and DataParallel-wrapped
-        in an akamaster-style checkpoint dict, load each file into flaxres: same predictions;
-        and to_torch() of it loads into a fresh reference (strict) bit-exactly."""
+        in an akamaster-style checkpoint dict, load each file into flaxres: the same predictions
+        (in float64, so that fp32 rounding, checked above, cannot blur a loading bug); and the
+        file loaded into an fp32 model exports with to_torch() into a fresh reference (strict)
+        bit-exactly."""
         ref = copy.deepcopy(self.torch_model).train()
         opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
         for step in range(3):
@@ -417,29 +566,29 @@ class Case:
             opt.zero_grad()
             F.cross_entropy(ref(tx_), torch.from_numpy(y)).backward()
             opt.step()
-        tx_, jx, _ = self._x(-2)
+        tx_, jx, _ = self._x(-2, "fp64")
         with torch.no_grad():
-            t_logits = ref.eval()(tx_).numpy()
-        out, exact = [], True
+            t64 = copy.deepcopy(ref).double().eval()(tx_).numpy()
+        measures = []
         with tempfile.TemporaryDirectory() as d:
             bare, wrapped = os.path.join(d, "bare.pth"), os.path.join(d, "dp.pth")
             torch.save(ref.state_dict(), bare)
             torch.save({"epoch": 3, "state_dict": torch.nn.DataParallel(ref).state_dict(),
                         "optimizer": opt.state_dict()}, wrapped)
             for label, path in (("bare", bare), ("DataParallel", wrapped)):
-                model = from_torch(flaxres.create_model(self.name, **self.overrides), path)
-                j_logits = np.asarray(Blockwise(model, train=False).forward(jx)[0])
-                same = bool((j_logits.argmax(1) == t_logits.argmax(1)).all())
-                out.append(worst("checkpoint", [(f"{label} logits", j_logits, t_logits)],
-                                 extra_ok=same, note="" if same else "argmax differs"))
+                model = self.model("fp64", source=path)
+                with jax.enable_x64(True):
+                    j = np.asarray(Blockwise(model, train=False).forward(jx)[0])
+                m = worst("checkpoint", "fp64", [(f"{label} logits", j, t64)])
+                m.extra_ok, m.note = same_classes(j, t64)
+                measures.append(m)
             back = create_torch_model(self.name, **self.overrides)
-            back.load_state_dict(to_torch(model), strict=True)
-            want = ref.state_dict()
-            exact = all(torch.equal(v, want[k]) for k, v in back.state_dict().items()
-                        if not k.endswith("num_batches_tracked"))
-        m = max(out, key=lambda m: m.error)
-        if not exact:
-            m.extra_ok, m.note = False, "to_torch round trip not bit-exact"
+            back.load_state_dict(to_torch(self.model("fp32", source=bare)), strict=True)
+        want = ref.state_dict()
+        m = max(measures, key=lambda m: m.error)
+        if not all(torch.equal(v, want[k]) for k, v in back.state_dict().items()
+                   if not k.endswith("num_batches_tracked")):
+            m.extra_ok, m.note = False, "fp32 to_torch round trip not bit-exact"
         return [m]
 
     def check_blockwise(self) -> list[Measure]:
@@ -449,9 +598,9 @@ class Case:
         pairs = []
         for train in (False, True):
             mode = "train" if train else "eval"
-            net = Blockwise(nnx.clone(self.model), train=train)
+            net = Blockwise(nnx.clone(self.model("fp32")), train=train)
             logits, feats, _, new_stats = net.forward(jx)
-            whole_f, whole = nnx.clone(self.model), nnx.clone(self.model)
+            whole_f, whole = nnx.clone(self.model("fp32")), nnx.clone(self.model("fp32"))
             for m in (whole_f, whole):
                 m.train() if train else m.eval()
             pairs += [(f"{mode}:features[{i}]", a, b)
@@ -460,7 +609,17 @@ class Case:
             stats = net.named(new_stats)
             pairs += [(f"{mode}:{k}", stats[k], v) for k, v in named_arrays(whole).items()
                       if k in stats]
-        return [worst("blockwise", pairs)]
+        return [worst("blockwise", "fp32", pairs)]
+
+
+def _flat(key: str, value) -> dict[str, np.ndarray]:
+    """One result entry by tensor name: a dict of tensors as is, the features list as stem,
+    layer1, ..., a scalar or array under ``key``."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list):
+        return dict(zip(["stem"] + [f"layer{i}" for i in range(1, len(value))], value, strict=True))
+    return {key: value}
 
 
 CHECKS = ("eval", "train", "features", "grads", "optim", "trajectory", "checkpoint")
@@ -505,7 +664,7 @@ def check_schedules() -> list[Measure]:
         bad = np.flatnonzero(np.abs(got - theirs) > TOL["schedule"] * theirs)
         where = f"{label} (first differing iteration {bad[0]})" if len(bad) else label
         pairs.append((where, got, theirs))
-    return [worst("schedule", pairs)]
+    return [worst("schedule", "fp32", pairs)]
 
 
 def run_case(case: Case, checks: Iterable[str] = CHECKS) -> list[Measure]:

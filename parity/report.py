@@ -1,8 +1,10 @@
 """``python -m parity.report [--arch resnet20,resnet18] [--checks eval,grads]``: the parity table.
 
-Rows are architectures, columns the checks of :mod:`parity.checks` with the measured worst
-relative error (a ``✗`` marks a failure); below the table each failure names the tensor or layer
-where it is worst. Exits 1 if anything failed.
+Rows are architectures, columns the checks of :mod:`parity.checks`. Each cell is the worst
+relative error of flaxres against PyTorch float64 with flaxres in float64 (the "same function"
+proof) and in fp32; where fp32 exceeds the tolerance, PyTorch fp32's own error against float64
+follows in brackets (fp32 passes within FLOOR_FACTOR of it). A ``✗`` marks a failure; below the
+table each failure names the tensor or layer where it is worst. Exits 1 if anything failed.
 """
 
 from __future__ import annotations
@@ -15,15 +17,19 @@ import time
 import jax
 import torch
 
-from parity.checks import CASES, CHECKS, TOL, Case, Measure, case_id, check_schedules, run_case
+from parity.checks import (CASES, CHECKS, FLOOR_FACTOR, TOL, Case, Measure, case_id,
+                           check_schedules, run_case)
 
 _COLUMNS = ("eval", "train", "features", "grads", "optim", "traj_loss", "traj_state", "checkpoint")
 
 
-def _cell(m: Measure | None) -> str:
-    if m is None:
+def _cell(fp64: Measure | None, fp32: Measure | None) -> str:
+    if fp64 is None or fp32 is None:
         return "-"
-    return f"{m.error:.1e}" + ("" if m.ok else " ✗")
+    s = f"{fp64.error:.0e} · {fp32.error:.1e}"
+    if fp32.error > fp32.tol:
+        s += f" [{fp32.floor:.1e}]"
+    return s + ("" if fp64.ok and fp32.ok else " ✗")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.arch and not cases:
         p.error(f"no such case; choose from {', '.join(case_id(*c) for c in CASES)}")
     checks = args.checks.split(",")
-    print(f"fp32 CPU, {platform.processor() or platform.machine()}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), jax {jax.__version__}; worst relative error "
-          f"||flaxres - torch|| / ||torch|| per tensor; tolerances: "
+    print(f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), jax {jax.__version__}. Cells: worst relative error "
+          f"||flaxres - torch|| / ||torch|| per tensor against PyTorch float64, flaxres float64 · "
+          f"flaxres fp32 [PyTorch fp32's own error, where fp32 exceeds the tolerance; fp32 passes "
+          f"within {FLOOR_FACTOR:g}x of it]. Tolerances: "
           + ", ".join(f"{c} {TOL[c]:.0e}" for c in _COLUMNS) + "\n")
     print("| architecture | input | " + " | ".join(_COLUMNS) + " | time |")
     print("|---" * (len(_COLUMNS) + 3) + "|")
@@ -45,10 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, overrides in cases:
         t = time.perf_counter()
         case = Case(name, overrides)
-        measures = {m.check: m for m in run_case(case, checks)}
+        measures = {(m.check, m.precision): m for m in run_case(case, checks)}
         failures += [(case.id, m) for m in measures.values() if not m.ok]
         print(f"| {case.id} | {case.batch}x{case.hw}x{case.hw} | "
-              + " | ".join(_cell(measures.get(c)) for c in _COLUMNS)
+              + " | ".join(_cell(measures.get((c, "fp64")), measures.get((c, "fp32")))
+                           for c in _COLUMNS)
               + f" | {time.perf_counter() - t:.0f}s |", flush=True)
         del case
     sched = check_schedules()[0]

@@ -10,10 +10,12 @@ the same dtype and the same number of CPU threads:
 
 * train step (forward + backward + SGD update with momentum and weight decay; BatchNorm in train
   mode) and inference (eval mode) throughput in img/s. Compile / warm-up time is measured
-  separately; then ``--reps`` timed repetitions, *interleaved* across frameworks (one rep of each in
-  turn) so that a load change on a shared machine hits all of them alike; median and spread
-  (min..max, IQR); every rep ends with a device sync (``block_until_ready``; CPU torch is
-  synchronous);
+  separately; then ``--reps`` timed repetitions; median and spread (min..max, IQR); every rep
+  ends with a device sync (``block_until_ready``; CPU torch is synchronous). Each framework runs
+  in a fresh process of its own, one after the other (on 2 cores, interleaving torch's and XLA's
+  thread pools in one process collapsed torch's training throughput ~8x); ``--interleave`` times
+  them in one process, one rep of each in turn, so that load changes on a shared machine hit all
+  alike;
 * model FLOPs per image (2 x multiply-adds of convs and the classifier, counted from the jaxpr;
   a train step counts 3x the forward) and achieved FLOP/s as a % of the peak measured in the same
   run (best of a large fp32 / bf16 matmul in JAX and in torch);
@@ -69,6 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--md", help="write the markdown table here too")
     p.add_argument("--plot", help="bar chart (PNG) of train/infer img/s")
+    p.add_argument("--interleave", action="store_true",
+                   help="time all frameworks in this one process, reps interleaved (for a loaded "
+                        "machine); default: each framework in a fresh process of its own, one "
+                        "after the other, so no framework's threads or caches disturb another's")
     p.add_argument("--no-fast-ops", action="store_true",
                    help="flaxres with flaxres.ops disabled (lax convolutions, autodiff BatchNorm), "
                         "for before/after comparisons")
@@ -443,8 +449,8 @@ def markdown(results: dict) -> str:
              f"{results['peak']['peak_flop_s'] / 1e9:.1f} GFLOP/s (jax "
              f"{results['peak']['jax_flop_s'] / 1e9:.1f}, torch "
              f"{results['peak']['torch_flop_s'] / 1e9:.1f}). flaxres.ops: {results['flaxres_ops']}. "
-             "Median over the timed reps, (range) = slowest–fastest rep; reps interleaved across "
-             "frameworks.", ""]
+             "Median over the timed reps, (range) = slowest–fastest rep; "
+             f"{results.get('timing', 'reps interleaved across frameworks')}.", ""]
     lines.append("| arch | framework | train img/s (range) | train % peak | train vs eager | "
                  "infer img/s (range) | infer % peak | infer vs eager | compile s (train/infer) |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
@@ -504,16 +510,73 @@ def plot(results: dict, path: str) -> None:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    fws = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    if args.interleave or len(fws) == 1:
+        results = measure(args, fws)
+    else:
+        results = isolated(argv, args, fws)
+    write(results, args)
+    print()
+    print(markdown(results))
+
+
+def isolated(argv: list[str], args, fws: list[str]) -> dict:
+    """Each framework timed by a fresh ``python -m parity.speed`` process of its own, in turn;
+    the results merged; then the end-to-end run (itself one framework at a time) here."""
+    import subprocess
+    import tempfile
+    results = None
+    with tempfile.TemporaryDirectory() as d:
+        for fw in fws:
+            out = os.path.join(d, f"{fw}.json")
+            cmd = [sys.executable, "-m", "parity.speed", *argv, "--frameworks", fw, "--skip-e2e",
+                   "--json", out]
+            subprocess.run(cmd, check=True)
+            with open(out) as f:
+                sub = json.load(f)
+            if results is None:
+                results = sub
+            else:
+                for arch, r in sub["archs"].items():
+                    mine = results["archs"][arch]
+                    mine["frameworks"].update(r["frameworks"])
+                    mine.update({k: v for k, v in r.items() if k not in mine})
+                if sub["peak"]["peak_flop_s"] > results["peak"]["peak_flop_s"]:
+                    results["peak"] = sub["peak"]
+    results["args"] = vars(args)
+    results["timing"] = "each framework in its own process, one after the other"
+    if not args.skip_e2e:
+        set_threads(args.threads)
+        import numpy as np
+        import torch
+        torch.set_num_threads(args.threads)
+        for arch in results["archs"]:
+            x_np, y_np = _batch(args, np.random.default_rng(0))
+            jb = build_jax(arch, args, x_np, y_np)
+            tb = build_torch(arch, args, x_np, y_np, jb["model"], ["torch-eager"])
+            results["archs"][arch]["e2e"] = e2e(arch, args, jb, tb)
+    return results
+
+
+def _batch(args, rng):
+    s = args.input_size
+    return (rng.standard_normal((args.batch_size, s, s, 3)).astype("float32"),
+            rng.integers(0, args.num_classes, args.batch_size).astype("int32"))
+
+
+def measure(args, fws: list[str]) -> dict:
+    """Every framework in this process; reps interleaved so load changes hit all alike."""
     set_threads(args.threads)
     import numpy as np
     import torch
     torch.set_num_threads(args.threads)
 
-    fws = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     results = {"args": vars(args), "machine": machine(), "archs": {},
-               "flaxres_ops": "off (lax + autodiff BatchNorm)" if args.no_fast_ops else "on"}
+               "flaxres_ops": "off (lax + autodiff BatchNorm)" if args.no_fast_ops else "on",
+               "timing": "all frameworks in one process, reps interleaved"}
     print(f"# {results['machine']['cpu']}, threads={args.threads}, load "
           f"{results['machine']['loadavg_start']}", flush=True)
     results["peak"] = peak_flops(args.precision)
@@ -521,9 +584,7 @@ def main(argv=None):
 
     rng = np.random.default_rng(0)
     for arch in [a.strip() for a in args.arch.split(",") if a.strip()]:
-        s = args.input_size
-        x_np = rng.standard_normal((args.batch_size, s, s, 3)).astype(np.float32)
-        y_np = rng.integers(0, args.num_classes, args.batch_size).astype(np.int32)
+        x_np, y_np = _batch(args, rng)
         jb = build_jax(arch, args, x_np, y_np)
         tvars = [f for f in fws if f.startswith("torch")]
         tb = build_torch(arch, args, x_np, y_np, jb["model"], tvars)
@@ -549,8 +610,7 @@ def main(argv=None):
             print(f"{arch:>14s} e2e {json.dumps(r['e2e'])}", flush=True)
         results["archs"][arch] = r
         write(results, args)  # after every arch, so a long multi-arch run keeps what it measured
-    print()
-    print(markdown(results))
+    return results
 
 
 def write(results: dict, args) -> None:
