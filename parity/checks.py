@@ -53,6 +53,11 @@ TOL = {"schedule": 1e-6, "eval": 1e-5, "train": 1e-5, "features": 1e-5, "grads":
 FLOOR_FACTOR = 2.0  # flaxres fp32 may be at most this much less accurate than PyTorch fp32
 PRECISIONS = ("fp32", "fp64")
 TRAJ_STEPS = 20
+# The 20-step trajectory costs minutes per deep net on 2 cores: by default (CI, the report) it runs
+# for one net of each kind (BasicBlock with shortcuts A and C, plain without BatchNorm, grouped
+# Bottleneck); FLAXRES_PARITY_FULL=1 runs it for every case.
+TRAJ_CASES = {"resnet20", "resnet20[shortcut=C]", "plain20[norm=False]", "resnext29_8x64d"}
+TRAJ_FULL = os.environ.get("FLAXRES_PARITY_FULL") == "1"
 TRAJ_BASE_LR = 2e-4  # see check_trajectory: larger rates make 20-step trajectories chaotic
 TRAJ_LR = multistep_schedule(TRAJ_BASE_LR, boundaries=(10, 15), gamma=0.1, warmup_steps=3)
 
