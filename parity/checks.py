@@ -359,15 +359,15 @@ class Case:
     def model(self, precision: str, source=None) -> flaxres.ResNet:
         """The flaxres net with the reference's weights (or ``source``'s) at ``precision``;
         fp64 models must be used inside ``jax.enable_x64(True)``."""
-        if source is None and precision in self._models:
-            return self._models[precision]
-        dt = _NP_DTYPE[precision]
         with jax.enable_x64(precision == "fp64"):
-            m = from_torch(flaxres.create_model(self.name, dtype=dt, param_dtype=dt, **self.overrides),
-                           self.torch_model.state_dict() if source is None else source)
-        if source is None:
-            self._models[precision] = m
-        return m
+            if source is not None:  # a copy is much cheaper than building a deep net anew
+                return from_torch(nnx.clone(self.model(precision)), source)
+            if precision not in self._models:
+                dt = _NP_DTYPE[precision]
+                self._models[precision] = from_torch(
+                    flaxres.create_model(self.name, dtype=dt, param_dtype=dt, **self.overrides),
+                    self.torch_model.state_dict())
+            return self._models[precision]
 
     def _x(self, i: int, precision: str = "fp32") -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """Batch i as NCHW torch tensor, NHWC array for JAX, labels; at ``precision``."""

@@ -18,17 +18,6 @@ def case(request) -> Case:
     return Case(name, overrides)
 
 
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (``--dist loadgroup``, see pyproject.toml) all tests of one case run in
-    one worker, which builds that case once; the rest go by module."""
-    for item in items:
-        if item.path.parent.name != "parity":
-            continue
-        callspec = getattr(item, "callspec", None)
-        group = callspec.id if callspec and "case" in callspec.params else item.path.stem
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 def assert_measures(measures) -> None:
     bad = [str(m) for m in measures if not m.ok]
     assert not bad, "\n".join(bad)
