@@ -76,8 +76,7 @@ class _Layers:
     """Builds conv / norm layers with one dtype, norm choice and RNG stream for a whole net."""
 
     def __init__(self, *, norm: bool, bn_momentum: float, bn_eps: float, dtype,
-                 param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.norm, self.bn_momentum, self.bn_eps = norm, bn_momentum, bn_eps
         self.dtype, self.param_dtype, self.rngs = dtype, param_dtype, rngs
 
