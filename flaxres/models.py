@@ -43,12 +43,13 @@ class BatchNorm(nnx.Module):
 
     def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
                  dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-                 use_running_average: bool = False):
+                 use_running_average: bool = False, cpu_ops: ops.CpuOps = ops.CpuOps()):
         self.num_features = num_features
         self.momentum = momentum
         self.epsilon = epsilon
         self.dtype = dtype
         self.use_running_average = use_running_average
+        self.cpu_ops = cpu_ops
         self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
@@ -60,9 +61,9 @@ class BatchNorm(nnx.Module):
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
-            # Same formula as below, with a closed-form backward pass (flaxres.ops).
+            # Same formula as below, with a closed-form backward pass on the CPU (flaxres.ops).
             y, mean, var = ops.batch_norm_train(x32, self.scale[...], self.bias[...],
-                                                self.epsilon)
+                                                self.epsilon, cpu=self.cpu_ops)
             n = math.prod(x.shape[:-1])
             m = self.momentum
             self.mean[...] = (1 - m) * self.mean[...] + m * mean
@@ -76,9 +77,9 @@ class _Layers:
     """Builds conv / norm layers with one dtype, norm choice and RNG stream for a whole net."""
 
     def __init__(self, *, norm: bool, bn_momentum: float, bn_eps: float, dtype,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, cpu_ops: ops.CpuOps = ops.CpuOps(), rngs: nnx.Rngs):
         self.norm, self.bn_momentum, self.bn_eps = norm, bn_momentum, bn_eps
-        self.dtype, self.param_dtype, self.rngs = dtype, param_dtype, rngs
+        self.dtype, self.param_dtype, self.cpu_ops, self.rngs = dtype, param_dtype, cpu_ops, rngs
 
     def conv(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
              bias: bool | None = None) -> nnx.Conv:
@@ -91,13 +92,13 @@ class _Layers:
                         param_dtype=self.param_dtype,
                         kernel_init=conv_kernel_init,
                         bias_init=_uniform_bias_init(cin // groups * k * k),
-                        conv_general_dilated=ops.conv_general_dilated, rngs=self.rngs)
+                        conv_general_dilated=ops.Conv(self.cpu_ops), rngs=self.rngs)
 
     def bn(self, features: int) -> BatchNorm | None:
         if not self.norm:
             return None
         return BatchNorm(features, momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype,
-                         param_dtype=self.param_dtype)
+                         param_dtype=self.param_dtype, cpu_ops=self.cpu_ops)
 
     def linear(self, cin: int, cout: int) -> nnx.Linear:
         return nnx.Linear(cin, cout, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -209,6 +210,9 @@ class ResNet(nnx.Module):
       param_dtype: parameter and BatchNorm-statistics dtype (fp32; ``jnp.float64`` under
         ``jax.enable_x64`` for float64 parity checks, with ``dtype=jnp.float64``).
       bn_momentum, bn_eps: PyTorch conventions (new = (1 - m) * old + m * batch).
+      cpu_ops: which CPU fast paths the traced program uses on the CPU platform
+        (:class:`flaxres.ops.CpuOps`; ``CpuOps.off()`` for plain ``lax``); other platforms
+        always run plain ``lax``.
     """
 
     def __init__(self, block: type[BasicBlock], layers: Sequence[int], widths: Sequence[int], *,
@@ -216,13 +220,13 @@ class ResNet(nnx.Module):
                  shortcut: Shortcut = "A", norm: bool = True, groups: int = 1,
                  width_per_group: int = 64, in_channels: int = 3, dtype=jnp.float32,
                  param_dtype=jnp.float32, bn_momentum: float = 0.1, bn_eps: float = 1e-5,
-                 rngs: nnx.Rngs):
+                 cpu_ops: ops.CpuOps = ops.CpuOps(), rngs: nnx.Rngs):
         if shortcut not in ("A", "B", "C", None):
             raise ValueError(f"shortcut must be 'A', 'B', 'C' or None (plain net), got {shortcut!r}")
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         L = _Layers(norm=norm, bn_momentum=bn_momentum, bn_eps=bn_eps, dtype=dtype,
-                    param_dtype=param_dtype, rngs=rngs)
+                    param_dtype=param_dtype, cpu_ops=cpu_ops, rngs=rngs)
         self.in_channels, self.stem, self.dtype = in_channels, stem, dtype
         k = 7 if stem == "imagenet" else 3
         self.conv1 = L.conv(in_channels, stem_width, k, 2 if stem == "imagenet" else 1)

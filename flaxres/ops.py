@@ -1,47 +1,58 @@
-"""Fast operations for XLA:CPU that compute exactly the same function as their ``lax`` originals.
+"""CPU fast paths that compute exactly the same function as their ``lax`` originals.
 
-``conv_general_dilated`` is a drop-in for :func:`jax.lax.conv_general_dilated` (the signature
-``nnx.Conv(conv_general_dilated=...)`` calls). The forward pass and the input gradient are XLA's
-own convolutions; only the *weight gradient* is computed differently:
-
-XLA:CPU lowers the weight-gradient convolution to an Eigen spatial convolution whose window is
-the whole feature map and whose contraction runs over N·H·W (≈ 130k for a CIFAR batch): it reaches
-≈ 4–20 GFLOP/s on a 2-core Zen 3, against ≈ 60–100 for the forward convolution, and dominates the
-train step (see ``parity/PERFORMANCE.md``). A single GEMM over the full N·H·W contraction is no
-better (Eigen does not split the contraction across threads). Here the weight gradient is
+XLA:CPU lowers a convolution's weight gradient to an Eigen spatial convolution whose window is the
+whole feature map and whose contraction runs over N·H·W (≈ 130k for a CIFAR batch): ≈ 4–20
+GFLOP/s on 2 cores, against ≈ 60–100 for the forward convolution, dominating the train step (see
+``docs/performance.md``). On the CPU the weight gradient here is instead
 
     dW[kh, kw, ci, co] = Σ_chunks  dyᵀ(chunk) · patches(x)(chunk)
 
 a ``lax.scan`` over chunks of a few images: each chunk builds its im2col patches (the kh·kw shifted,
 strided slices of the padded input, concatenated on the channel axis; they stay in cache) and runs
 one well-shaped GEMM (M = Cout, N = kh·kw·Cin, K ≈ 4096 rows), accumulated in fp32. The result is
-the same sum in a different order: relative error vs ``lax`` ≈ 1e-6 in fp32.
+the same sum in a different order: relative error vs ``lax`` ≈ 1e-6 in fp32. BatchNorm gets a
+closed-form backward pass, two reductions and one elementwise pass.
 
-Cases this path does not handle (input/kernel dilation, non-NHWC/HWIO layouts, negative padding,
-batch_group_count, non-2-D, integer dtypes, grouped convolutions with more than one group, where
-the scan-GEMM was not faster) go to ``lax.conv_general_dilated`` unchanged.
+Which code runs is chosen **per platform inside the traced program** (``lax.platform_dependent``):
+the CPU gets these paths, every other platform plain ``lax`` and autodiff (cuDNN's kernels on a
+GPU), so a ``jax.export`` for CUDA contains none of the CPU code. :class:`CpuOps` says which CPU
+paths a model uses; ``CpuOps.off()`` gives plain ``lax`` on the CPU too, for A/B measurements.
+
+Cases the CPU path does not handle (input/kernel dilation, non-NHWC/HWIO layouts, negative
+padding, batch_group_count, non-2-D, integer dtypes, grouped convolutions with more than one group,
+where the scan-GEMM was not faster) go to ``lax.conv_general_dilated`` unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import os
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Rows (images x output pixels) per chunk of the weight-gradient scan. Measured on a 2-core Zen 3
-# (parity/PERFORMANCE.md): 2k-4k rows keep the chunk's patches in L2/L3 and Eigen's GEMM efficient.
-CHUNK_ROWS = int(os.environ.get("FLAXRES_WGRAD_CHUNK_ROWS", "4096"))
-# Set FLAXRES_FAST_OPS=0 (or ENABLED = False before tracing) to use plain lax/autodiff everywhere,
-# for A/B measurements; CONV / BN switch the two parts separately.
-ENABLED = os.environ.get("FLAXRES_FAST_OPS", "1") != "0"
-CONV = True  # the weight-gradient GEMM path of conv_general_dilated
-BN = True    # the closed-form backward of batch_norm_train
-
 _NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuOps:
+    """The CPU-only fast paths a model traces (other platforms always get plain ``lax``).
+
+    Frozen and compared by value, so models built with equal settings share compiled code.
+    """
+
+    wgrad_gemm: bool = True  # convolution weight gradient as a scan of GEMMs
+    bn_backward: bool = True  # closed-form BatchNorm backward
+    # Rows (images x output pixels) per chunk of the weight-gradient scan: 2k-4k rows keep the
+    # chunk's patches in L2/L3 and Eigen's GEMM efficient (docs/performance.md).
+    wgrad_chunk_rows: int = 4096
+
+    @classmethod
+    def off(cls) -> CpuOps:
+        """Plain ``lax`` and autodiff on the CPU as well."""
+        return cls(wgrad_gemm=False, bn_backward=False)
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
@@ -63,51 +74,71 @@ def _explicit_padding(padding, lhs_shape, rhs_shape, strides):
     return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """``lax.conv_general_dilated`` for ``nnx.Conv(conv_general_dilated=...)``, with the CPU weight
+    gradient of ``cpu``; hashable, so it is static structure of the model's graph."""
+
+    cpu: CpuOps = CpuOps()
+
+    def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count: int = 1,
+                 batch_group_count: int = 1, precision=None, preferred_element_type=None,
+                 **kwargs):
+        return conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type,
+            cpu=self.cpu, **kwargs)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
-                         preferred_element_type=None, **kwargs):
-    """``lax.conv_general_dilated`` with a faster weight gradient on CPU (same function)."""
+                         preferred_element_type=None, *, cpu: CpuOps = CpuOps(), **kwargs):
+    """``lax.conv_general_dilated``; on the CPU with the faster weight gradient (same function)."""
     lax_call = functools.partial(
-        lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-        precision=precision, preferred_element_type=preferred_element_type, **kwargs)
+        lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+        lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type, **kwargs)
     if kwargs.get("out_sharding") is None:
         kwargs.pop("out_sharding", None)
-    if not (ENABLED and CONV and not kwargs and lhs.ndim == 4 and rhs.ndim == 4
+    if not (cpu.wgrad_gemm and not kwargs and lhs.ndim == 4 and rhs.ndim == 4
             and _is_nhwc_hwio(dimension_numbers)
             and all(d == 1 for d in (lhs_dilation or (1, 1)))
             and all(d == 1 for d in (rhs_dilation or (1, 1)))
             and feature_group_count == 1 and batch_group_count == 1
             and preferred_element_type is None and precision is None
             and jnp.issubdtype(lhs.dtype, jnp.floating) and lhs.dtype == rhs.dtype):
-        return lax_call()
+        return lax_call(lhs, rhs)
     strides = tuple(int(s) for s in window_strides)
     pads = _explicit_padding(padding, lhs.shape, rhs.shape, strides)
     if any(p < 0 for pair in pads for p in pair):
-        return lax_call()
-    return _conv(lhs, rhs, strides, pads)
+        return lax_call(lhs, rhs)
+    return lax.platform_dependent(
+        lhs, rhs, cpu=lambda x, w: _conv(x, w, strides, pads, cpu.wgrad_chunk_rows),
+        default=lambda x, w: _lax_conv(x, w, strides, pads))
 
 
 def _lax_conv(x, w, strides, pads):
     return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x, w, strides, pads):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, w, strides, pads, chunk_rows):
     return _lax_conv(x, w, strides, pads)
 
 
-def _conv_fwd(x, w, strides, pads):
+def _conv_fwd(x, w, strides, pads, chunk_rows):
     return _lax_conv(x, w, strides, pads), (x, w)
 
 
-def _conv_bwd(strides, pads, res, g):
+def _conv_bwd(strides, pads, chunk_rows, res, g):
     x, w = res
     _, vjp_x = jax.vjp(lambda a: _lax_conv(a, w, strides, pads), x)
     (dx,) = vjp_x(g)
-    dw = weight_grad(x, g, w.shape, strides, pads).astype(w.dtype)
+    dw = weight_grad(x, g, w.shape, strides, pads, chunk_rows).astype(w.dtype)
     return dx, dw
 
 
@@ -127,14 +158,13 @@ def _patches(x, kh: int, kw: int, strides, pads, ho: int, wo: int):
     return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
 
 
-def weight_grad(x, g, w_shape: Sequence[int], strides, pads, chunk_rows: int | None = None):
+def weight_grad(x, g, w_shape: Sequence[int], strides, pads, chunk_rows: int = 4096):
     """dL/dW of an NHWC/HWIO convolution (no dilation, one group) from its input ``x`` and the
     output cotangent ``g``, as a scan of GEMMs over batch chunks; at least fp32 accumulation."""
     kh, kw, cin, cout = w_shape
     acc_dtype = accumulation_dtype(x.dtype)
     n, ho, wo, _ = g.shape
-    rows = chunk_rows or CHUNK_ROWS
-    per = max(1, min(n, rows // max(ho * wo, 1)))
+    per = max(1, min(n, chunk_rows // max(ho * wo, 1)))
     nchunks = -(-n // per)
     extra = nchunks * per - n  # zero images add nothing to the sum
     if extra:
@@ -160,7 +190,7 @@ def weight_grad(x, g, w_shape: Sequence[int], strides, pads, chunk_rows: int | N
 # ----------------------------------------------------------------------------- BatchNorm
 
 
-def batch_norm_train(x, scale, bias, epsilon: float):
+def batch_norm_train(x, scale, bias, epsilon: float, *, cpu: CpuOps = CpuOps()):
     """Train-mode batch normalisation over all axes but the last, in the input's dtype (fp32).
 
     Returns ``(y, mean, var)`` with the biased variance, exactly the forward formula of
@@ -169,10 +199,13 @@ def batch_norm_train(x, scale, bias, epsilon: float):
     ``dx = scale * rsqrt(var + eps) * (g - mean(g) - x̂ * mean(g * x̂))`` (plus the terms from
     ``mean``/``var`` if those outputs are differentiated): two reductions and one elementwise
     pass, where autodiff of the forward leaves XLA:CPU several more passes over the activation.
+    That backward runs on the CPU only (``cpu.bn_backward``); elsewhere autodiff of the forward.
     """
-    if not (ENABLED and BN):
-        return _bn_forward(x, scale, bias, epsilon)
-    return _bn(x, scale, bias, epsilon)
+    plain = functools.partial(_bn_forward, epsilon=epsilon)
+    if not cpu.bn_backward:
+        return plain(x, scale, bias)
+    return lax.platform_dependent(x, scale, bias, cpu=functools.partial(_bn, epsilon=epsilon),
+                                  default=plain)
 
 
 def _bn_forward(x, scale, bias, epsilon):

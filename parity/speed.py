@@ -201,12 +201,11 @@ def build_jax(arch, args, x_np, y_np):
     from flax import nnx
 
     import flaxres
-    from flaxres import ops
     from train.optim import sgd
 
-    ops.ENABLED = not args.no_fast_ops
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
-    model = flaxres.create_model(arch, num_classes=args.num_classes, dtype=dtype)
+    cpu_ops = flaxres.CpuOps.off() if args.no_fast_ops else flaxres.CpuOps()
+    model = flaxres.create_model(arch, num_classes=args.num_classes, dtype=dtype, cpu_ops=cpu_ops)
     tx = sgd(0.1, momentum=0.9, weight_decay=5e-4)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
