@@ -1,0 +1,182 @@
+"""Mutation check: do the tests fail when the code is wrong?
+
+    python tests/mutate.py            # every mutant; exits 1 if any survives
+    python tests/mutate.py --list     # the mutants and the tests each one runs
+    python tests/mutate.py --only sgd_decay_after_momentum cosine_warmup_total
+
+Each mutant is one realistic bug (a snippet of a source file replaced by a wrong one). It is
+applied to a scratch copy of the repository's tracked files, one at a time, and the default-tier
+tests that cover that file run there (``-x``: the first failure is enough). A mutant whose tests
+all pass *survived*: the suite would not have noticed that bug. A mutant whose snippet is no longer
+in the source is an error too, so the list cannot silently go stale when the code moves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
+
+
+MODELS = ("tests/test_models.py", "parity/test_forward.py")
+TRAIN = ("tests/test_train.py",)
+OPTIM = ("parity/test_optim.py",)
+CONVERT = ("parity/test_convert.py",)
+
+MUTANTS = [
+    # The ten bugs planted by hand in issue 16.
+    Mutant("cosine_warmup_total", "train/optim.py",
+           "optax.cosine_decay_schedule(base_lr, max(total_steps - warmup_steps, 1))",
+           "optax.cosine_decay_schedule(base_lr, total_steps)", OPTIM),
+    Mutant("trainer_no_weight_decay", "train/cifar.py",
+           "optim.sgd(schedule, cfg.momentum, cfg.weight_decay, cfg.nesterov)",
+           "optim.sgd(schedule, cfg.momentum, 0.0, cfg.nesterov)", OPTIM + TRAIN),
+    Mutant("sgd_decay_after_momentum", "train/optim.py",
+           """        optax.add_decayed_weights(weight_decay),
+        optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),""",
+           """        optax.trace(decay=momentum, nesterov=nesterov),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),""", OPTIM),
+    Mutant("imagenet_maxpool_same", "flaxres/models.py",
+           "nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))",
+           "nnx.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')", MODELS),
+    Mutant("head_max_pool", "flaxres/models.py",
+           "self.fc(x.mean(axis=(1, 2)))", "self.fc(x.max(axis=(1, 2)))", MODELS),
+    Mutant("convert_kernel_hw_swap", "flaxres/convert.py",
+           """_TO_TORCH = {"conv": (3, 2, 0, 1), "linear": (1, 0)}  # HWIO -> OIHW, (in, out) -> (out, in)
+_FROM_TORCH = {"conv": (2, 3, 1, 0), "linear": (1, 0)}""",
+           """_TO_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}  # HWIO -> OIHW, (in, out) -> (out, in)
+_FROM_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}""", CONVERT),
+    Mutant("stride2_conv_same", "flaxres/models.py",
+           "padding=((p, p), (p, p))", 'padding="SAME"', MODELS),
+    Mutant("bn_running_var_biased", "flaxres/models.py",
+           "m * var * (n / max(n - 1, 1))", "m * var", MODELS),
+    Mutant("option_a_one_side", "flaxres/models.py",
+           "lo = (self.cout - self.cin) // 2", "lo = 0", MODELS),
+    Mutant("train_step_stale_bn_stats", "train/steps.py",
+           "TrainState(optax.apply_updates(state.params, updates), stats,",
+           "TrainState(optax.apply_updates(state.params, updates), state.batch_stats,", TRAIN),
+    # Our own.
+    Mutant("bn_momentum_flipped", "flaxres/models.py",
+           "self.mean[...] = (1 - m) * self.mean[...] + m * mean",
+           "self.mean[...] = m * self.mean[...] + (1 - m) * mean", MODELS),
+    Mutant("eval_uses_batch_stats", "flaxres/models.py",
+           "        if self.use_running_average:\n            mean, var = self.mean[...], self.var[...]",
+           "        if False:\n            mean, var = self.mean[...], self.var[...]", MODELS),
+    Mutant("bottleneck_stride_on_1x1", "flaxres/models.py",
+           """        self.conv1 = L.conv(cin, width, 1)
+        self.bn1 = L.bn(width)
+        self.conv2 = L.conv(width, width, 3, stride, groups)""",
+           """        self.conv1 = L.conv(cin, width, 1, stride)
+        self.bn1 = L.bn(width)
+        self.conv2 = L.conv(width, width, 3, 1, groups)""", MODELS),
+    Mutant("nesterov_ignored", "train/optim.py",
+           "optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)",
+           "optax.sgd(learning_rate, momentum=momentum or None, nesterov=False)", OPTIM),
+    Mutant("bn_backward_sign", "flaxres/ops.py",
+           "(g - sum_g / m - xhat * (sum_gx / m))", "(g - sum_g / m + xhat * (sum_gx / m))",
+           ("tests/test_ops.py",)),
+    Mutant("wgrad_chunk_drops_tail", "flaxres/ops.py",
+           "extra = nchunks * per - n", "extra = 0; nchunks = n // per; x, g = x[:nchunks * per], "
+           "g[:nchunks * per]", ("tests/test_ops.py",)),
+    Mutant("multistep_epoch_milestones_per_iteration", "train/optim.py",
+           "return [int(m) * steps_per_epoch for m in milestones]",
+           "return [int(m) for m in milestones]", OPTIM),
+]
+
+
+def _tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+    return [f for f in out.stdout.decode().split("\0") if f]
+
+
+def scratch_copy(dest: Path) -> None:
+    """The repository's tracked files as they are in the working tree."""
+    for rel in _tracked_files():
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def apply(m: Mutant, tree: Path) -> str:
+    """Writes the mutant into ``tree``; returns the original text to restore it."""
+    path = tree / m.file
+    text = path.read_text()
+    if text.count(m.old) != 1:
+        raise SystemExit(f"mutant {m.name}: its snippet occurs {text.count(m.old)} times in "
+                         f"{m.file} (expected once); update tests/mutate.py")
+    path.write_text(text.replace(m.old, m.new))
+    return text
+
+
+def run_tests(m: Mutant, tree: Path, timeout: int) -> tuple[bool, str]:
+    """(caught, which test): pytest with -x in the scratch tree."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+           "--no-header", "-rf", *m.tests]
+    try:
+        out = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout} s"
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out.stdout, re.M)
+    if out.returncode == 0:
+        return False, "all tests passed"
+    return True, failed[0] if failed else f"pytest exit {out.returncode}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python tests/mutate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per mutant's test run")
+    args = p.parse_args(argv)
+    names = [m.name for m in MUTANTS]
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        p.error(f"unknown mutant(s) {', '.join(unknown)}; --list shows {len(names)}")
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:<42} {m.file:<20} {' '.join(m.tests)}")
+        return 0
+    survived = []
+    with tempfile.TemporaryDirectory(prefix="flaxres-mutate-") as tmp:
+        tree = Path(tmp)
+        scratch_copy(tree)
+        for m in chosen:
+            t0 = time.perf_counter()
+            original = apply(m, tree)
+            try:
+                caught, where = run_tests(m, tree, args.timeout)
+            finally:
+                (tree / m.file).write_text(original)
+            verdict = "caught by" if caught else "SURVIVED:"
+            print(f"{m.name:<42} {verdict} {where} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+            if not caught:
+                survived.append(m.name)
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} mutants caught"
+          + (f"; survived: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
