@@ -384,11 +384,8 @@ def evaluate_checkpoint(cfg: Config) -> dict[str, float]:
 
 def predict(cfg: Config) -> list[list[tuple[str, float]]]:
     """Top-k classes with probabilities for each image (resized to 32x32 if needed)."""
+    images = data.load_images(cfg.predict)  # before the checkpoint: a bad file fails at once
     _, run, meta = _restore_for_inference(cfg)
-    for p in cfg.predict:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"--predict: no such image file: {p}")
-    images = np.stack([data.decode_image(Path(p)) for p in cfg.predict])
     probs = np.asarray(run.predict(run.state, jax.device_put(images, run.rep)))
     classes = meta["classes"]
     out = []
