@@ -6,15 +6,16 @@
         [--skip-e2e | --data-dir ../shared/data/cifar10-jpeg.tar.gz]
 
 For each architecture, with the same weights in both frameworks (flaxres weights exported with
-``flaxres.convert.to_torch``; eval logits compared and reported), the same batch already in memory,
-the same dtype, the same matmul/convolution precision policy and the same number of CPU threads:
+``flaxres.convert.to_torch``; eval logits compared and reported), the same batch already in device
+memory, the same kind of device (PyTorch uses CUDA when JAX runs on a GPU), the same dtype, the
+same matmul/convolution precision policy and the same number of CPU threads:
 
 * train step (forward + backward + SGD update with momentum and weight decay; BatchNorm in train
   mode) and inference (eval mode) throughput in img/s. flaxres runs the trainer's own jitted step
   (``train.steps``, ``train.optim.sgd``), which also gathers and normalises the uint8 batch on the
   device; PyTorch gets the same batch normalised beforehand. Compile / warm-up time is measured
   separately; then ``--reps`` timed repetitions; median and spread (min..max, IQR); every rep
-  ends with a device sync (``block_until_ready``; CPU torch is synchronous). Each framework runs
+  ends with a device sync (``block_until_ready``, ``torch.cuda.synchronize``). Each framework runs
   in a fresh process of its own, one after the other (on 2 cores, interleaving torch's and XLA's
   thread pools in one process collapsed torch's training throughput ~8x); ``--interleave`` times
   them in one process, one rep of each in turn, so that load changes on a shared machine hit all

@@ -107,13 +107,14 @@ def measure(args: argparse.Namespace, fws: list[str]) -> dict:
     torch.set_num_threads(args.threads)
     modes = _names(args.modes)
     with precision.policy(args.matmul_precision) as policy:
+        dev = torch_runner.device()
         results = {"args": vars(args), "machine": report.machine(), "archs": {},
-                   "precision_policy": policy,
+                   "precision_policy": policy, "torch_device": dev,
                    "flaxres_ops": "off (lax + autodiff BatchNorm)" if args.no_fast_ops else "on",
                    "timing": "all frameworks in one process, reps interleaved"}
         print(f"# {results['machine']['cpu']}, threads={args.threads}, load "
               f"{results['machine']['loadavg_start']}", flush=True)
-        results["peak"] = timing.peak_flops(args.precision)
+        results["peak"] = timing.peak_flops(args.precision, dev)
         print(f"peak {results['peak']['peak_flop_s'] / 1e9:.1f} GFLOP/s", flush=True)
         for i, arch in enumerate(_names(args.arch)):
             images, labels = _batch(args, seed=i)
@@ -122,7 +123,7 @@ def measure(args: argparse.Namespace, fws: list[str]) -> dict:
                                   mean=CIFAR_MEAN, std=CIFAR_STD)
             base = torch_runner.reference_with_weights_of(arch, jb.model, args.num_classes)
             x = jax_runner.normalized(images, CIFAR_MEAN, CIFAR_STD)
-            tb = {v: torch_runner.build(base, v, x, labels, precision=args.precision)
+            tb = {v: torch_runner.build(base, v, x, labels, precision=args.precision, dev=dev)
                   for v in fws if v in torch_runner.VARIANTS}
             r = {"flops_per_image": jb.flops_per_image, "weights": "flaxres.convert.to_torch",
                  "frameworks": {}}
@@ -161,7 +162,11 @@ def isolated(argv: list[str], args: argparse.Namespace, fws: list[str]) -> dict:
             out = os.path.join(d, f"{fw}.json")
             cmd = [sys.executable, "-m", "parity.speed", *argv, "--frameworks", fw, "--skip-e2e",
                    "--json", out, "--md", "", "--plot", ""]
-            subprocess.run(cmd, check=True)
+            # A torch process uses JAX only to build the weights: without preallocation JAX
+            # leaves the GPU's memory to torch (it takes 75% at first use otherwise).
+            env = dict(os.environ, **({} if fw == "flaxres-jit"
+                                      else {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}))
+            subprocess.run(cmd, check=True, env=env)
             with open(out) as f:
                 sub = json.load(f)
             if results is None:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from parity.speed import torch_runner
 from parity.speed.jax_runner import LR, MOMENTUM, WEIGHT_DECAY, JaxRunner
 from train import data, steps
 
@@ -41,8 +42,9 @@ def flaxres_epoch(jb: JaxRunner, images: np.ndarray, labels: np.ndarray, batch: 
 
 
 def torch_epoch(module: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch: int,
-                n_steps: int, mean, std, workers: int) -> dict:
-    """``DataLoader`` + torchvision transforms over PIL images, as the reference seeds train."""
+                n_steps: int, mean, std, workers: int, dev: str) -> dict:
+    """``DataLoader`` + torchvision transforms over PIL images, as the reference seeds train;
+    batches are copied to ``dev`` as the seeds do."""
     import torchvision.transforms as T
     from PIL import Image
 
@@ -56,6 +58,7 @@ def torch_epoch(module: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
         def __getitem__(self, i: int):
             return tf(Image.fromarray(images[i])), int(labels[i])
 
+    module = module.to(dev)
     opt = torch.optim.SGD(module.parameters(), lr=LR, momentum=MOMENTUM,
                           weight_decay=WEIGHT_DECAY)
     module.train()
@@ -65,8 +68,10 @@ def torch_epoch(module: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
     first_s, done = 0.0, 0
     for i, (xb, yb) in enumerate(loader):
         if i == 1:  # the first batch pays for worker start-up, like jit compilation
+            torch_runner.sync(dev)
             first_s = time.perf_counter() - t0
             t0 = time.perf_counter()
+        xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(module(xb), yb).backward()
         opt.step()
@@ -74,6 +79,7 @@ def torch_epoch(module: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
             done += batch
         if i >= n_steps:
             break
+    torch_runner.sync(dev)
     dt = time.perf_counter() - t0
     del loader
     return {"img_s": done / dt, "seconds": dt, "compile_s": first_s,
@@ -93,5 +99,5 @@ def run(jb: JaxRunner, torch_module: torch.nn.Module | None, *, data_dir: str, b
            "flaxres-jit": flaxres_epoch(jb, imgs, labels, batch, n_steps, CIFAR_MEAN, CIFAR_STD)}
     if torch_module is not None:
         res["torch-eager"] = torch_epoch(torch_module, imgs, labels, batch, n_steps, CIFAR_MEAN,
-                                         CIFAR_STD, workers)
+                                         CIFAR_STD, workers, torch_runner.device())
     return res

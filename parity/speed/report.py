@@ -59,7 +59,9 @@ def markdown(results: dict) -> str:
     machine_line = (
         f"Machine: {m['cpu']}, {m['cores']} cores, threads={args['threads']}; "
         f"jax {m['jax']}, flax {m['flax']}, torch {m['torch']}; {m['date_utc']}; "
-        f"load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}.")
+        f"load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}; "
+        f"JAX on {', '.join(m.get('devices', []))}, PyTorch on "
+        f"{results.get('torch_device', 'cpu')}.")
     peak_line = (
         f"Peak ({args['precision']} matmul {peak['matmul_n']}^3): "
         f"{peak['peak_flop_s'] / 1e9:.1f} GFLOP/s (jax {peak['jax_flop_s'] / 1e9:.1f}, "

@@ -50,9 +50,9 @@ def interleave(runners: dict[str, Callable[[], None]], reps: int, warmup: int
     return out
 
 
-def peak_flops(precision: str) -> dict:
-    """Best of a large square matmul in JAX and in torch (same threads), FLOP/s: the 100% that
-    the models' achieved FLOP/s are expressed against."""
+def peak_flops(precision: str, torch_device: str = "cpu") -> dict:
+    """Best of a large square matmul in JAX and in torch (same threads, same kind of device),
+    FLOP/s: the 100% that the models' achieved FLOP/s are expressed against."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -65,9 +65,12 @@ def peak_flops(precision: str) -> dict:
     mm = jax.jit(lambda a: a @ a)
     mm(a).block_until_ready()
     jt = min(timed(lambda: mm(a).block_until_ready()) for _ in range(5))
-    ta = torch.randn(n, n, dtype=tdt)
+    from parity.speed.torch_runner import sync
+
+    ta = torch.randn(n, n, dtype=tdt, device=torch_device)
     torch.mm(ta, ta)
-    tt = min(timed(lambda: torch.mm(ta, ta)) for _ in range(5))
+    sync(torch_device)
+    tt = min(timed(lambda: (torch.mm(ta, ta), sync(torch_device))) for _ in range(5))
     f = 2 * n ** 3
     return {"matmul_n": n, "jax_flop_s": f / jt, "torch_flop_s": f / tt,
             "peak_flop_s": max(f / jt, f / tt)}
