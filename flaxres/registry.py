@@ -25,17 +25,24 @@ def register(name: str, builder: Callable[..., ResNet], **defaults: Any) -> None
     _REGISTRY[name] = functools.partial(builder, **defaults)
 
 
+def cifar_blocks_per_stage(depth: int, bottleneck: bool = False) -> int:
+    """Blocks per stage ``n`` of a CIFAR ResNet of ``depth`` = 6n+2 (9n+2 with bottlenecks):
+    the one place that rule lives, for flaxres, the PyTorch reference and the CLIs."""
+    per_block = 9 if bottleneck else 6
+    if depth < per_block + 2 or (depth - 2) % per_block:
+        kind = ("Bottleneck: 9n+2, e.g. 11, 29, 56, 164" if bottleneck
+                else "BasicBlock: 6n+2, e.g. 8, 20, 56, 110")
+        raise ValueError(f"a CIFAR ResNet of depth {depth} does not exist ({kind})")
+    return (depth - 2) // per_block
+
+
 def cifar_resnet(depth: int, *, bottleneck: bool = False, **kwargs: Any) -> ResNet:
     """He et al. 2016's CIFAR ResNet: 3 stages of 16-32-64 planes, depth 6n+2 (or 9n+2 bottleneck).
 
     BasicBlock nets use the paper's option A shortcut by default (as akamaster's reference);
     bottleneck nets use projections (option B) since their first block changes 16 -> 64 channels.
     """
-    per_block = 9 if bottleneck else 6
-    if depth < per_block + 2 or (depth - 2) % per_block:
-        kind = "Bottleneck: 9n+2, e.g. 11, 29, 56, 164" if bottleneck else "BasicBlock: 6n+2, e.g. 8, 20, 56, 110"
-        raise ValueError(f"a CIFAR ResNet of depth {depth} does not exist ({kind})")
-    n = (depth - 2) // per_block
+    n = cifar_blocks_per_stage(depth, bottleneck)
     kwargs.setdefault("shortcut", "B" if bottleneck else "A")
     block = Bottleneck if bottleneck else BasicBlock
     return ResNet(block, (n, n, n), CIFAR_WIDTHS, stem="cifar", stem_width=16, **kwargs)

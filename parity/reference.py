@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from flaxres.registry import cifar_blocks_per_stage
+
 _TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                 "resnext50_32x4d", "resnext101_32x8d")
 
@@ -163,11 +165,8 @@ def create_torch_model(name: str, num_classes: int = 10, *, shortcut=_UNSET,
     if m := re.fullmatch(r"(resnet|plain)(\d+)", name):
         depth = int(m[2])
         bottleneck = m[1] == "resnet" and depth == 164
-        per_block = 9 if bottleneck else 6
-        if (depth - 2) % per_block:
-            raise ValueError(f"no CIFAR reference for {name!r}")
+        n = cifar_blocks_per_stage(depth, bottleneck)
         default = None if m[1] == "plain" else ("B" if bottleneck else "A")
-        n = (depth - 2) // per_block
         return CifarResNet(Bottleneck if bottleneck else BasicBlock, (n, n, n), (16, 32, 64), 16,
                            shortcut=default if shortcut is _UNSET else shortcut, **kw)
     raise ValueError(f"no PyTorch reference for {name!r}")

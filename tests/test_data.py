@@ -1,7 +1,13 @@
-"""train.data: every --data-dir format decodes to the same arrays, the cache, clear errors, and
-the on-device augmentation (determinism and exact pad/crop/flip semantics)."""
+"""train.data: every --data-dir format decodes to the same arrays, the cache, clear errors (one
+line naming the file, exit 2, nothing written) on bad data, and the on-device augmentation
+(determinism and exact pad/crop/flip semantics)."""
 
+import io
+import re
+import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import jax
@@ -11,7 +17,8 @@ import pytest
 
 from train import data, synthetic
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +167,92 @@ def test_default_tfds_source_without_tfds_says_how_to_get_data(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
     with pytest.raises(data.DataError, match="tensorflow-datasets is not installed.*--data-dir"):
         data.load_arrays("cifar10", None, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+@pytest.fixture
+def bad_sources(tmp_path):
+    """A JPEG folder with one truncated image, a truncated .tar.gz, and a text file named .png."""
+    small = synthetic.make_arrays(20, 10, seed=0)
+    folder = synthetic.write_image_folder(tmp_path / "jpeg", small, ext="jpg")
+    corrupt = sorted((folder / "train").rglob("*.jpg"))[3]
+    corrupt.write_bytes(corrupt.read_bytes()[:40])
+    tar = synthetic.write_cifar10_python(tmp_path / "tar", small, tar=True)
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    return {"corrupt": (folder, corrupt), "truncated": truncated, "text": text}
+
+
+def test_corrupt_image_in_a_folder_names_the_file_and_caches_nothing(tmp_path, bad_sources):
+    folder, corrupt = bad_sources["corrupt"]
+    with pytest.raises(data.DataError, match=f"{re.escape(str(corrupt))}: corrupt or truncated image"):
+        data.load_arrays("cifar10", str(folder), str(tmp_path / "cache"))
+    corrupt.write_bytes(b"hello")
+    with pytest.raises(data.DataError, match=f"{re.escape(str(corrupt))}: not an image file"):
+        data.load_arrays("cifar10", str(folder), str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_corrupt_image_inside_an_archive_names_archive_and_member(tmp_path):
+    src = synthetic.write_image_folder(tmp_path, synthetic.make_arrays(20, 10), tar=True)
+    with tarfile.open(src) as tf:  # rewrite the archive with one member replaced by junk
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    victim = members[5][0].name
+    with tarfile.open(src, "w:gz") as tf:
+        for m, blob in members:
+            blob = b"junk" if m.name == victim else blob
+            m.size = len(blob)
+            tf.addfile(m, io.BytesIO(blob))
+    with pytest.raises(data.DataError, match=f"{re.escape(f'{src}:{victim}')}: not an image file"):
+        data.load_arrays("cifar10", str(src), str(tmp_path / "cache"))
+
+
+def test_truncated_archive_is_one_clear_error(tmp_path, bad_sources):
+    with pytest.raises(data.DataError, match=f"{re.escape(str(bad_sources['truncated']))} .*truncated or corrupt "
+                       r"\(EOFError.*download it again"):
+        data.load_arrays("cifar10", str(bad_sources["truncated"]), str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_predict_images_are_checked_and_named(tmp_path, bad_sources):
+    text = bad_sources["text"]
+    with pytest.raises(data.DataError, match=f"--predict {re.escape(str(text))}: not an image file"):
+        data.load_images([text])
+    with pytest.raises(data.DataError, match="no such image file"):
+        data.load_images([tmp_path / "missing.png"])
+
+
+def test_offline_tfds_fails_within_seconds_without_writing(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    tfds_dir = tmp_path / "tfds"
+    t0 = time.monotonic()
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): never routed, so this is "offline" without a network
+    with pytest.raises(data.DataError, match="no prepared cifar10 .* cannot download it: none of "
+                       r"192\.0\.2\.1 answered within 0\.5 s \(offline\?\).*--data-dir"):
+        data._read_tfds("cifar10", str(tfds_dir), hosts=(("192.0.2.1", 443),), timeout=0.5)
+    assert time.monotonic() - t0 < 5
+    assert not tfds_dir.exists() or not any(tfds_dir.rglob("*.*"))
+
+
+@pytest.mark.parametrize("case", ["corrupt", "truncated", "text"])
+def test_cli_bad_data_is_one_line_exit_2_and_writes_nothing(tmp_path, bad_sources, case):
+    """The user's view: ``python -m train.cifar`` prints one ``error:`` line, exits 2, and leaves
+    no workdir and no cache file behind."""
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    if case == "text":
+        args = ["--predict", str(bad_sources["text"]), "--checkpoint", str(tmp_path / "ckpt")]
+    else:
+        src = bad_sources[case][0] if case == "corrupt" else bad_sources[case]
+        args = ["--data-dir", str(src)]
+    out = subprocess.run([sys.executable, "-m", "train.cifar", *args, "--workdir", str(work),
+                          "--cache-dir", str(cache)], cwd=ROOT, capture_output=True, text=True,
+                         check=False, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not work.exists() and not cache.exists()

@@ -203,6 +203,25 @@ def test_impossible_depth_names_valid_depths():
     assert flaxres.count_params(flaxres.cifar_resnet(8, rngs=rngs())) == 75_290
 
 
+def test_depth_rule_is_one_function_used_by_every_builder():
+    from flaxres.registry import cifar_blocks_per_stage
+
+    assert [cifar_blocks_per_stage(d) for d in (8, 20, 56, 110, 1202)] == [1, 3, 9, 18, 200]
+    assert cifar_blocks_per_stage(164, bottleneck=True) == 18
+    for bad, bottleneck in ((2, False), (21, False), (21, True), (-4, False)):
+        with pytest.raises(ValueError, match="does not exist"):
+            cifar_blocks_per_stage(bad, bottleneck)
+    from train import cifar  # the CLI's unregistered resnetN goes through the same rule
+
+    resnet8 = cifar.build_model(cifar.parse_args(["--arch", "resnet8"]))
+    assert flaxres.count_params(resnet8) == 75_290
+    with pytest.raises(ValueError, match=r"depth 9 does not exist \(BasicBlock: 6n\+2"):
+        cifar.build_model(cifar.parse_args(["--arch", "resnet9"]))
+    reference = pytest.importorskip("parity.reference")
+    with pytest.raises(ValueError, match=r"depth 21 does not exist"):
+        reference.create_torch_model("plain21")
+
+
 def test_bad_options():
     with pytest.raises(ValueError, match="shortcut"):
         flaxres.create_model("resnet20", shortcut="D")

@@ -103,11 +103,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def build_model(cfg: Config) -> flaxres.ResNet:
-    """``create_model`` for registered names; any other CIFAR depth 6n+2 (e.g. resnet8, handy for
-    quick experiments) through ``flaxres.cifar_resnet``."""
+    """``create_model`` for registered names; any other ``resnetN`` through
+    ``flaxres.cifar_resnet`` (e.g. resnet8, handy for quick experiments), whose error names the
+    valid depths."""
     dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
     m = re.fullmatch(r"resnet(\d+)", cfg.arch)
-    if cfg.arch not in flaxres.list_models() and m and (int(m.group(1)) - 2) % 6 == 0:
+    if cfg.arch not in flaxres.list_models() and m:
         return flaxres.cifar_resnet(int(m.group(1)), num_classes=cfg.num_classes, dtype=dtype,
                                     rngs=nnx.Rngs(cfg.seed))
     return flaxres.create_model(cfg.arch, num_classes=cfg.num_classes, seed=cfg.seed, dtype=dtype)
@@ -384,11 +385,8 @@ def evaluate_checkpoint(cfg: Config) -> dict[str, float]:
 
 def predict(cfg: Config) -> list[list[tuple[str, float]]]:
     """Top-k classes with probabilities for each image (resized to 32x32 if needed)."""
+    images = data.load_images(cfg.predict)  # before the checkpoint: a bad file fails at once
     _, run, meta = _restore_for_inference(cfg)
-    for p in cfg.predict:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"--predict: no such image file: {p}")
-    images = np.stack([data.decode_image(Path(p)) for p in cfg.predict])
     probs = np.asarray(run.predict(run.state, jax.device_put(images, run.rep)))
     classes = meta["classes"]
     out = []

@@ -28,7 +28,10 @@ class Config:
     data_dir: str | None = _f(None, "data source: an image folder split/class/*.png|jpg (or its "
                               ".tar.gz), the official CIFAR python or binary archive (tarred or "
                               "extracted) or a tfds data_dir; default: tensorflow-datasets' "
-                              "default location (downloads when online)")
+                              "default location (downloads when online; offline it stops after "
+                              "a 3 s connection probe). A corrupt image or truncated archive "
+                              "stops the run with an error naming the file, and nothing is "
+                              "cached")
     cache_dir: str | None = _f(None, "where decoded uint8 arrays are cached (default "
                                "$FLAXRES_CACHE or ~/.cache/flaxres)")
     workdir: str = _f("runs/cifar", "output folder: checkpoints/, metrics.jsonl, curves.png")

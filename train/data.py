@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import pickle
+import socket
 import tarfile
+import threading
+import time
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -29,6 +35,10 @@ HOW_TO_GET = (
     "(cifar-10-python.tar.gz or the binary version), passed as --data-dir; (c) an image folder "
     "<dir>/{train,test}/<class>/*.png|jpg or its .tar.gz, e.g. --data-dir "
     "../shared/data/cifar10-jpeg.tar.gz.")
+# Where tensorflow-datasets downloads CIFAR from: its GCS mirror, then the original site.
+TFDS_HOSTS = (("storage.googleapis.com", 443), ("www.cs.toronto.edu", 443))
+# What a damaged archive or file raises while being read (gzip/bz2/xz/tar/OS errors).
+_READ_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error)
 
 
 class DataError(RuntimeError):
@@ -55,12 +65,20 @@ class _Source:
 
     def __init__(self, path: Path):
         self.path = path
-        self._tar = tarfile.open(path) if path.is_file() else None  # noqa: SIM115
-        if self._tar is not None:
-            self._members = {m.name.lstrip("./"): m for m in self._tar.getmembers() if m.isfile()}
-            self.names = sorted(self._members)
-        else:
+        self._tar = None
+        if not path.is_file():
             self.names = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+            return
+        try:
+            self._tar = tarfile.open(path)  # noqa: SIM115
+            # Listing reads the whole archive, so a truncated download fails here, named.
+            self._members = {m.name.lstrip("./"): m for m in self._tar.getmembers() if m.isfile()}
+        except _READ_ERRORS as e:
+            if self._tar is not None:
+                self._tar.close()
+            raise DataError(f"{path} is not a readable tar archive, or is truncated or corrupt "
+                            f"({type(e).__name__}: {e}); download it again. " + HOW_TO_GET) from e
+        self.names = sorted(self._members)
 
     def __enter__(self) -> Self:
         return self
@@ -70,9 +88,16 @@ class _Source:
             self._tar.close()
 
     def read(self, name: str) -> bytes:
-        if self._tar is not None:
-            return self._tar.extractfile(self._members[name]).read()
-        return (self.path / name).read_bytes()
+        try:
+            if self._tar is not None:
+                return self._tar.extractfile(self._members[name]).read()
+            return (self.path / name).read_bytes()
+        except _READ_ERRORS as e:
+            raise DataError(f"{self.where(name)}: cannot be read ({type(e).__name__}: {e})") from e
+
+    def where(self, name: str) -> str:
+        """A file's name for messages: inside an archive, ``archive.tar.gz:member``."""
+        return f"{self.path}:{name}" if self._tar is not None else str(self.path / name)
 
     def find(self, basename: str) -> str | None:
         hits = [n for n in self.names if n.rsplit("/", 1)[-1] == basename]
@@ -96,8 +121,12 @@ def _read_pickles(src: _Source, dataset: str) -> Arrays | None:
         return None
 
     def load(name):
-        d = pickle.loads(src.read(name), encoding="bytes")
-        return _chw_to_hwc(np.asarray(d[b"data"], np.uint8)), np.asarray(d[key], np.int32)
+        try:
+            d = pickle.loads(src.read(name), encoding="bytes")
+            return _chw_to_hwc(np.asarray(d[b"data"], np.uint8)), np.asarray(d[key], np.int32)
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{src.where(name)}: not a CIFAR python batch ({type(e).__name__}: "
+                            f"{e})") from e
 
     tr = [load(n) for n in train_names]
     te_x, te_y = load(test_name)
@@ -122,7 +151,11 @@ def _read_binary(src: _Source, dataset: str) -> Arrays | None:
         return None
 
     def load(name):
-        rec = np.frombuffer(src.read(name), np.uint8).reshape(-1, label_bytes + 3072)
+        blob = src.read(name)
+        if len(blob) % (label_bytes + 3072):
+            raise DataError(f"{src.where(name)}: {len(blob)} bytes is not a whole number of "
+                            f"{label_bytes + 3072}-byte CIFAR records (truncated?)")
+        rec = np.frombuffer(blob, np.uint8).reshape(-1, label_bytes + 3072)
         # CIFAR-100 records are <coarse label><fine label><pixels>; we train on fine labels.
         return _chw_to_hwc(rec[:, label_bytes:]), rec[:, label_bytes - 1].astype(np.int32)
 
@@ -135,14 +168,32 @@ def _read_binary(src: _Source, dataset: str) -> Arrays | None:
                   te_x, te_y, classes)
 
 
-def decode_image(data: bytes | str | Path) -> np.ndarray:
-    """An image file as uint8 (32, 32, 3) RGB; other sizes are resized (bilinear) to 32x32."""
-    from PIL import Image
+def decode_image(data: bytes | str | Path, name: str | None = None) -> np.ndarray:
+    """An image file as uint8 (32, 32, 3) RGB; other sizes are resized (bilinear) to 32x32.
 
-    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data).convert("RGB")
+    An unreadable image raises :class:`DataError` naming ``name`` (default: the path), since
+    PIL's own message names only an anonymous buffer.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data).convert("RGB")
+    except UnidentifiedImageError as e:
+        raise DataError(f"{name or data}: not an image file PIL can read") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{name or data}: corrupt or truncated image ({e})") from e
     if img.size != (32, 32):
         img = img.resize((32, 32), Image.BILINEAR)
     return np.asarray(img, np.uint8)
+
+
+def load_images(paths: Sequence[str | Path]) -> np.ndarray:
+    """``--predict``'s image files as uint8 (N, 32, 32, 3), each checked before any is
+    used: a missing or unreadable file raises :class:`DataError` naming it."""
+    for p in paths:
+        if not Path(p).is_file():
+            raise DataError(f"--predict {p}: no such image file")
+    return np.stack([decode_image(Path(p), f"--predict {p}") for p in paths])
 
 
 def _read_image_folder(src: _Source) -> Arrays | None:
@@ -163,14 +214,56 @@ def _read_image_folder(src: _Source) -> Arrays | None:
 
     def load(split):
         files = [(f, c) for c, cls in enumerate(classes) for f in sorted(splits[split][cls])]
-        images = np.stack([decode_image(src.read(f)) for f, _ in files])
+        # A corrupt image stops the run, naming the file (nothing is cached): skipping it would
+        # silently train on a different dataset.
+        images = np.stack([decode_image(src.read(f), src.where(f)) for f, _ in files])
         return images, np.array([c for _, c in files], np.int32)
 
     return Arrays(*load("train"), *load("test"), classes)
 
 
-def _read_tfds(dataset: str, data_dir: str | None) -> Arrays:
-    """tensorflow-datasets through its TensorFlow-free path (array_record data sources)."""
+def _reachable(hosts: Sequence[tuple[str, int]], timeout: float) -> bool:
+    """Whether any ``(host, port)`` accepts a TCP connection within ``timeout`` seconds.
+
+    Each probe runs in a daemon thread that is abandoned at the deadline, because name
+    resolution has no timeout of its own.
+    """
+    ok = threading.Event()
+
+    def probe(address: tuple[str, int]) -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            ok.set()
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=probe, args=(h,), daemon=True) for h in hosts]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    while not ok.is_set() and any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        ok.wait(0.02)
+    return ok.is_set()
+
+
+def _is_prepared(builder) -> bool:
+    """``builder.is_prepared()`` without its absl warning about the (expected) missing folder,
+    which would be a second line before our one-line error."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        return builder.is_prepared()
+    finally:
+        absl.setLevel(level)
+
+
+def _read_tfds(dataset: str, data_dir: str | None, *,
+               hosts: Sequence[tuple[str, int]] = TFDS_HOSTS, timeout: float = 3.0) -> Arrays:
+    """tensorflow-datasets through its TensorFlow-free path (array_record data sources).
+
+    Before a download, a quick probe of ``hosts``: offline, tfds itself would retry for minutes.
+    """
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
@@ -178,6 +271,11 @@ def _read_tfds(dataset: str, data_dir: str | None) -> Arrays:
                         + HOW_TO_GET) from e
     try:
         builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
+        if not _is_prepared(builder) and not _reachable(hosts, timeout):
+            raise DataError(
+                f"tensorflow-datasets has no prepared {dataset} in {builder.data_dir} and cannot "
+                f"download it: none of {', '.join(h for h, _ in hosts)} answered within "
+                f"{timeout:g} s (offline?). " + HOW_TO_GET)
         builder.download_and_prepare()
         src = builder.as_data_source()
         out = {}
@@ -187,6 +285,8 @@ def _read_tfds(dataset: str, data_dir: str | None) -> Arrays:
             out[split] = (np.stack([np.asarray(x["image"], np.uint8) for x in items]),
                           np.array([x["label"] for x in items], np.int32))
         classes = tuple(builder.info.features["label"].names)
+    except DataError:
+        raise
     except Exception as e:  # tfds raises many kinds (network, missing TF, format)
         raise DataError(f"tensorflow-datasets could not provide {dataset!r} ({type(e).__name__}: "
                         f"{e}). " + HOW_TO_GET) from e
@@ -198,12 +298,7 @@ def _read_path(path: Path, dataset: str) -> Arrays:
         raise DataError(f"--data-dir {path} does not exist. " + HOW_TO_GET)
     if path.is_dir() and any(path.glob(f"{dataset}/*/dataset_info.json")):
         return _read_tfds(dataset, str(path))
-    try:
-        src = _Source(path)
-    except tarfile.TarError as e:
-        raise DataError(f"{path} is neither a folder nor a readable tar archive ({e}). "
-                        + HOW_TO_GET) from e
-    with src:
+    with _Source(path) as src:
         arrays = (_read_pickles(src, dataset) or _read_binary(src, dataset)
                   or _read_image_folder(src))
     if arrays is None:

@@ -1,0 +1,76 @@
+"""Timing: compile time apart, then timed repetitions (median and spread), and the machine's
+matmul peak that the achieved FLOP/s are compared with."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Timing:
+    """One framework's compile time and its timed repetitions, in seconds."""
+
+    compile_s: float = 0.0
+    times_s: list[float] = field(default_factory=list)
+
+    def summary(self, batch: int) -> dict:
+        """img/s at the median rep, the spread (min..max, IQR) and the compile time."""
+        t = sorted(self.times_s)
+        med = statistics.median(t)
+        q1, q3 = (statistics.quantiles(t, n=4)[0], statistics.quantiles(t, n=4)[2]) if len(t) > 1 \
+            else (med, med)
+        return {"img_s": batch / med, "median_ms": med * 1e3, "min_ms": t[0] * 1e3,
+                "max_ms": t[-1] * 1e3, "iqr_ms": (q3 - q1) * 1e3,
+                "img_s_range": [batch / t[-1], batch / t[0]], "compile_s": self.compile_s,
+                "reps": len(t)}
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one synchronous call of ``fn`` takes."""
+    s = time.perf_counter()
+    fn()
+    return time.perf_counter() - s
+
+
+def interleave(runners: dict[str, Callable[[], None]], reps: int, warmup: int
+               ) -> dict[str, Timing]:
+    """Times each synchronous ``runners[name]()``: the first call (compilation) apart, then
+    ``warmup`` untimed and ``reps`` timed rounds, one call of each runner per round, so that a
+    load change on the machine hits all runners alike."""
+    out = {name: Timing(compile_s=timed(step)) for name, step in runners.items()}
+    for _ in range(warmup):
+        for step in runners.values():
+            step()
+    for _ in range(reps):
+        for name, step in runners.items():
+            out[name].times_s.append(timed(step))
+    return out
+
+
+def peak_flops(precision: str, torch_device: str = "cpu") -> dict:
+    """Best of a large square matmul in JAX and in torch (same threads, same kind of device),
+    FLOP/s: the 100% that the models' achieved FLOP/s are expressed against."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    n = 2048 if precision == "bf16" else 4096
+    jdt = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    tdt = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jdt)
+    mm = jax.jit(lambda a: a @ a)
+    mm(a).block_until_ready()
+    jt = min(timed(lambda: mm(a).block_until_ready()) for _ in range(5))
+    from parity.speed.torch_runner import sync
+
+    ta = torch.randn(n, n, dtype=tdt, device=torch_device)
+    torch.mm(ta, ta)
+    sync(torch_device)
+    tt = min(timed(lambda: (torch.mm(ta, ta), sync(torch_device))) for _ in range(5))
+    f = 2 * n ** 3
+    return {"matmul_n": n, "jax_flop_s": f / jt, "torch_flop_s": f / tt,
+            "peak_flop_s": max(f / jt, f / tt)}

@@ -1,0 +1,113 @@
+"""parity.speed: its flags parse, the package imports no framework before the thread settings,
+the FLOP counter gives ResNet-20's 40.55M multiply-adds, and the precision policy is set alike
+in both frameworks and recorded."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import flaxres
+from parity.speed import cli, flops, report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flags_parse_with_their_defaults_and_refuse_unknown_values(capsys):
+    a = cli.parse_args([])
+    assert (a.arch, a.batch_size, a.precision, a.matmul_precision) == ("resnet20", 128, "fp32",
+                                                                       "highest")
+    a = cli.parse_args(["--arch", "resnet20,resnet56", "--matmul-precision", "tf32", "--precision",
+                        "bf16", "--frameworks", "flaxres-jit,torch-compile", "--interleave"])
+    assert a.matmul_precision == "tf32" and a.precision == "bf16" and a.interleave
+    for bad in (["--matmul-precision", "fp16"], ["--frameworks", "flaxres-jit,jaxx"],
+                ["--modes", "train,fit"]):
+        with pytest.raises(SystemExit) as e:
+            cli.parse_args(bad)
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "jaxx" in err and "--modes" in err
+
+
+def test_help_runs_without_importing_jax_or_torch():
+    """XLA_FLAGS and the core pinning must be set before jax is imported."""
+    code = ("import sys; from parity.speed import cli; "
+            "print(sorted(m for m in ('jax', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+    out = subprocess.run([sys.executable, "-m", "parity.speed", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, timeout=60)
+    assert "--matmul-precision {highest,tf32}" in out.stdout
+
+
+@pytest.mark.parametrize("cpu_ops", [flaxres.CpuOps(), flaxres.CpuOps.off()], ids=["cpu", "lax"])
+def test_flops_of_resnet20_are_40_55m_multiply_adds(cpu_ops):
+    """He et al.'s ResNet-20 forward: 40.55M multiply-adds per 32x32 image (convs + classifier).
+    With the CPU paths each convolution sits in a per-platform ``cond``; one branch counts."""
+    model = nnx.eval_shape(lambda: flaxres.create_model("resnet20", cpu_ops=cpu_ops))
+    model.eval()  # shapes only: counting needs no weights
+    graphdef, state = nnx.split(model)
+    fwd = lambda s, x: nnx.merge(graphdef, s)(x)
+    assert flops.flops_per_image(fwd, state, jnp.zeros((2, 32, 32, 3))) == 2 * 40_551_040
+
+
+def test_precision_policy_is_set_in_both_frameworks_and_restored():
+    torch = pytest.importorskip("torch")
+    import jax
+
+    from parity.speed import precision
+
+    before = precision.describe()
+    with precision.policy("highest") as p:
+        assert jax.config.jax_default_matmul_precision == "highest"
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+        assert p["policy"] == "highest" and p == {"policy": "highest", **precision.describe()}
+    with precision.policy("tf32") as p:
+        assert jax.config.jax_default_matmul_precision == "tensorfloat32"
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        assert torch.backends.mkldnn.conv.fp32_precision == "ieee"  # the CPU stays fp32
+    assert precision.describe() == before
+
+
+def test_markdown_states_the_precision_policy():
+    timing = {"img_s": 100.0, "img_s_range": [90.0, 110.0], "compile_s": 1.0}
+    results = {
+        "machine": {"cpu": "cpu", "cores": 2, "jax": "j", "flax": "f", "torch": "t",
+                    "date_utc": "now", "loadavg_start": None},
+        "args": {"threads": 2, "precision": "fp32", "batch_size": 8},
+        "peak": {"matmul_n": 8, "peak_flop_s": 1e9, "jax_flop_s": 1e9, "torch_flop_s": 1e9},
+        "flaxres_ops": "on",
+        "precision_policy": {"policy": "highest", "jax_default_matmul_precision": "highest",
+                             "torch.backends.cuda.matmul.fp32_precision": "ieee"},
+        "archs": {"resnet20": {"flops_per_image": 8.1e7, "weights": "w", "frameworks": {
+            "flaxres-jit": {"train": timing}, "torch-eager": {"train": timing}}}},
+    }
+    md = report.markdown(results)
+    assert "precision policy `highest`" in md and "cuda.matmul=ieee" in md
+    assert "| resnet20 | flaxres-jit | 100 (90–110) | 2430% | 1.00× |" in md
+
+
+@pytest.mark.full
+def test_tiny_run_writes_json_and_markdown(tmp_path):
+    """The whole CLI, both frameworks in one process, 1 rep of a batch of 4 (~1 min on 2 cores)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "parity.speed", "--batch-size", "4", "--reps", "1", "--warmup",
+         "0", "--threads", "1", "--interleave", "--frameworks", "flaxres-jit,torch-eager",
+         "--skip-e2e", "--matmul-precision", "tf32", "--json", str(tmp_path / "r.json"),
+         "--md", str(tmp_path / "r.md")],
+        cwd=ROOT, capture_output=True, text=True, check=False, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["precision_policy"]["policy"] == "tf32"
+    assert set(r["archs"]["resnet20"]["frameworks"]) == {"flaxres-jit", "torch-eager"}
+    assert r["archs"]["resnet20"]["flops_per_image"] == 2 * 40_551_040
+    assert r["archs"]["resnet20"]["logits_rel_err"] < 1e-5
+    assert "precision policy `tf32`" in (tmp_path / "r.md").read_text()
