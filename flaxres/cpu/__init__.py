@@ -1,0 +1,1 @@
+"""CPU-only backends that flaxres.ops selects inside the traced program."""

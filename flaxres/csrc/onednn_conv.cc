@@ -1,0 +1,304 @@
+// oneDNN 3.x convolutions as XLA FFI handlers for the CPU (fp32, NHWC activations, HWIO weights).
+//
+// XLA:CPU's own convolutions reach about 40% of what oneDNN reaches on the same shapes
+// (docs/onednn.md), so flaxres.cpu.onednn calls these three handlers through jax.ffi, wired into
+// autodiff with jax.custom_vjp:
+//
+//   flaxres_onednn_conv_fwd          y[N,Ho,Wo,O]       = conv(x[N,H,W,C], w[KH,KW,C/G,O])
+//   flaxres_onednn_conv_bwd_data     dx[N,H,W,C]        from dy[N,Ho,Wo,O], w[KH,KW,C/G,O]
+//   flaxres_onednn_conv_bwd_weights  dw[KH,KW,C/G,O]    from x[N,H,W,C],   dy[N,Ho,Wo,O]
+//
+// Attributes (int64): stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right (explicit,
+// non-negative), groups (lax's feature_group_count: output channel o belongs to group
+// o / (O/G), which is oneDNN's hwigo weight layout), threads (oneDNN's OpenMP threads for this
+// call; 0 = OpenMP's default).
+//
+// Activations stay in XLA's NHWC buffers (no reorders); weights may be reordered to the blocked
+// layout oneDNN prefers (small tensors). Primitives are created once per shape and thread count
+// (oneDNN fixes the OpenMP team size when it creates a primitive) and cached behind a mutex.
+// XLA may run two handlers at once on different threads, so every execution gets its own
+// thread-local scratchpad (scratchpad_mode::user): the library-owned scratchpad is shared per
+// primitive and gives wrong results under concurrent use.
+#include <omp.h>
+
+#include <array>
+#include <cstdint>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dims = dnnl::memory::dims;
+using tag = dnnl::memory::format_tag;
+constexpr auto f32 = dnnl::memory::data_type::f32;
+
+enum Kind : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+// Everything that determines a primitive.
+struct Geometry {
+  int64_t n, h, w, c, o, ho, wo, kh, kw;
+  int64_t stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups;
+};
+
+using Key = std::array<int64_t, 18>;
+
+Key MakeKey(Kind kind, const Geometry& g, int threads) {
+  return {kind,        g.n,        g.h,        g.w,       g.c,          g.o,
+          g.ho,        g.wo,       g.kh,       g.kw,      g.stride_h,   g.stride_w,
+          g.pad_top,   g.pad_bottom, g.pad_left, g.pad_right, g.groups, threads};
+}
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// A grown-on-demand, 64-byte aligned buffer per thread for scratchpads and reordered weights.
+class ThreadBuffer {
+ public:
+  void* Get(size_t bytes) {
+    if (bytes == 0) return nullptr;
+    if (storage_.size() < bytes + 64) storage_.resize(bytes + 64);
+    auto p = reinterpret_cast<uintptr_t>(storage_.data());
+    return reinterpret_cast<void*>((p + 63) & ~uintptr_t{63});
+  }
+
+ private:
+  std::vector<char> storage_;
+};
+
+// One convolution primitive with the descriptors of its three tensors and, where oneDNN wants the
+// weights in another layout than XLA's HWIO buffer, the reorder to (inputs) or from (output) it.
+struct Operand {
+  int arg;
+  dnnl::memory::desc user, internal;
+  dnnl::primitive reorder;  // empty when user == internal
+  dnnl::memory::desc reorder_scratch;
+  bool needs_reorder() const { return user != internal; }
+};
+
+struct Entry {
+  dnnl::primitive conv;
+  dnnl::memory::desc scratch;
+  Operand in0, in1, out;
+};
+
+struct Descs {
+  dnnl::memory::desc src, wei_any, wei_user, dst;
+  dims strides, pad_l, pad_r;
+};
+
+Descs MakeDescs(const Geometry& g) {
+  Descs d;
+  d.src = dnnl::memory::desc({g.n, g.c, g.h, g.w}, f32, tag::nhwc);
+  d.dst = dnnl::memory::desc({g.n, g.o, g.ho, g.wo}, f32, tag::nhwc);
+  if (g.groups == 1) {
+    dims wd{g.o, g.c, g.kh, g.kw};
+    d.wei_user = dnnl::memory::desc(wd, f32, tag::hwio);
+    d.wei_any = dnnl::memory::desc(wd, f32, tag::any);
+  } else {
+    dims wd{g.groups, g.o / g.groups, g.c / g.groups, g.kh, g.kw};
+    d.wei_user = dnnl::memory::desc(wd, f32, tag::hwigo);
+    d.wei_any = dnnl::memory::desc(wd, f32, tag::any);
+  }
+  d.strides = {g.stride_h, g.stride_w};
+  d.pad_l = {g.pad_top, g.pad_left};
+  d.pad_r = {g.pad_bottom, g.pad_right};
+  return d;
+}
+
+Operand MakeOperand(int arg, const dnnl::memory::desc& user, const dnnl::memory::desc& internal,
+                    bool is_output) {
+  Operand op{arg, user, internal, {}, {}};
+  if (op.needs_reorder()) {
+    const auto& from = is_output ? internal : user;
+    const auto& to = is_output ? user : internal;
+    dnnl::reorder::primitive_desc pd(Engine(), from, Engine(), to, UserScratchpad());
+    op.reorder = dnnl::reorder(pd);
+    op.reorder_scratch = pd.scratchpad_desc();
+  }
+  return op;
+}
+
+dnnl::convolution_forward::primitive_desc ForwardDesc(const Descs& d) {
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, d.src,
+      d.wei_any, d.dst, d.strides, d.pad_l, d.pad_r, UserScratchpad());
+}
+
+std::unique_ptr<Entry> Create(Kind kind, const Geometry& g) {
+  Descs d = MakeDescs(g);
+  auto e = std::make_unique<Entry>();
+  if (kind == kForward) {
+    auto pd = ForwardDesc(d);
+    e->conv = dnnl::convolution_forward(pd);
+    e->scratch = pd.scratchpad_desc();
+    e->in0 = MakeOperand(DNNL_ARG_SRC, d.src, pd.src_desc(), false);
+    e->in1 = MakeOperand(DNNL_ARG_WEIGHTS, d.wei_user, pd.weights_desc(), false);
+    e->out = MakeOperand(DNNL_ARG_DST, d.dst, pd.dst_desc(), true);
+  } else if (kind == kBackwardData) {
+    auto hint = ForwardDesc(d);
+    dnnl::convolution_backward_data::primitive_desc pd(
+        Engine(), dnnl::algorithm::convolution_direct, d.src, d.wei_any, d.dst, d.strides,
+        d.pad_l, d.pad_r, hint, UserScratchpad());
+    e->conv = dnnl::convolution_backward_data(pd);
+    e->scratch = pd.scratchpad_desc();
+    e->in0 = MakeOperand(DNNL_ARG_DIFF_DST, d.dst, pd.diff_dst_desc(), false);
+    e->in1 = MakeOperand(DNNL_ARG_WEIGHTS, d.wei_user, pd.weights_desc(), false);
+    e->out = MakeOperand(DNNL_ARG_DIFF_SRC, d.src, pd.diff_src_desc(), true);
+  } else {
+    auto hint = ForwardDesc(d);
+    dnnl::convolution_backward_weights::primitive_desc pd(
+        Engine(), dnnl::algorithm::convolution_direct, d.src, d.wei_any, d.dst, d.strides,
+        d.pad_l, d.pad_r, hint, UserScratchpad());
+    e->conv = dnnl::convolution_backward_weights(pd);
+    e->scratch = pd.scratchpad_desc();
+    e->in0 = MakeOperand(DNNL_ARG_SRC, d.src, pd.src_desc(), false);
+    e->in1 = MakeOperand(DNNL_ARG_DIFF_DST, d.dst, pd.diff_dst_desc(), false);
+    e->out = MakeOperand(DNNL_ARG_DIFF_WEIGHTS, d.wei_user, pd.diff_weights_desc(), true);
+  }
+  return e;
+}
+
+const Entry& Cached(Kind kind, const Geometry& g) {
+  static std::mutex mu;
+  static std::map<Key, std::unique_ptr<Entry>> cache;
+  Key key = MakeKey(kind, g, omp_get_max_threads());
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it == cache.end()) it = cache.emplace(key, Create(kind, g)).first;
+  return *it->second;
+}
+
+// Runs one convolution on XLA's buffers; synchronous (oneDNN's OpenMP runtime returns when done).
+void Execute(const Entry& e, void* in0, void* in1, void* out) {
+  // Separate buffers: the conv's scratchpad and each reordered operand are live at once.
+  thread_local ThreadBuffer scratch_buf, in0_buf, in1_buf, out_buf, reorder_buf;
+  dnnl::stream stream(Engine());
+  auto internal = [&](const Operand& op, void* user_ptr, ThreadBuffer& buf) {
+    dnnl::memory user(op.user, Engine(), user_ptr);
+    if (!op.needs_reorder()) return std::make_pair(user, user);
+    dnnl::memory inner(op.internal, Engine(), buf.Get(op.internal.get_size()));
+    return std::make_pair(user, inner);
+  };
+  auto reorder = [&](const Operand& op, dnnl::memory& from, dnnl::memory& to) {
+    dnnl::memory scratch(op.reorder_scratch, Engine(),
+                         reorder_buf.Get(op.reorder_scratch.get_size()));
+    op.reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                                {DNNL_ARG_SCRATCHPAD, scratch}});
+  };
+  auto [a_user, a] = internal(e.in0, in0, in0_buf);
+  auto [b_user, b] = internal(e.in1, in1, in1_buf);
+  auto [c_user, c] = internal(e.out, out, out_buf);
+  if (e.in0.needs_reorder()) reorder(e.in0, a_user, a);
+  if (e.in1.needs_reorder()) reorder(e.in1, b_user, b);
+  dnnl::memory scratch(e.scratch, Engine(), scratch_buf.Get(e.scratch.get_size()));
+  e.conv.execute(stream, {{e.in0.arg, a}, {e.in1.arg, b}, {e.out.arg, c},
+                          {DNNL_ARG_SCRATCHPAD, scratch}});
+  if (e.out.needs_reorder()) reorder(e.out, c, c_user);
+  stream.wait();
+}
+
+using Buffer4 = ffi::Buffer<ffi::F32, 4>;
+using Result4 = ffi::ResultBuffer<ffi::F32, 4>;
+
+struct Attrs {
+  int64_t stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups, threads;
+};
+
+// x: N,H,W,C   w: KH,KW,C/G,O   y: N,Ho,Wo,O
+Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+                      ffi::Span<const int64_t> y, const Attrs& a) {
+  return {x[0], x[1], x[2], x[3], w[3], y[1], y[2], w[0], w[1],
+          a.stride_h, a.stride_w, a.pad_top, a.pad_bottom, a.pad_left, a.pad_right, a.groups};
+}
+
+ffi::Error Run(Kind kind, const Geometry& g, int64_t threads, void* in0, void* in1, void* out) {
+  if (g.groups < 1 || g.c % g.groups != 0 || g.o % g.groups != 0) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "flaxres oneDNN conv: channels not divisible by groups");
+  }
+  try {
+    // Per calling (XLA worker) thread; XLA itself does not use OpenMP.
+    if (threads > 0 && omp_get_max_threads() != threads) omp_set_num_threads(int(threads));
+    Execute(Cached(kind, g), in0, in1, out);
+  } catch (const dnnl::error& err) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("flaxres oneDNN conv: ") + err.what());
+  } catch (const std::exception& err) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("flaxres oneDNN conv: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(Buffer4 x, Buffer4 w, Result4 y, int64_t stride_h, int64_t stride_w,
+                   int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+                   int64_t groups, int64_t threads) {
+  Attrs a{stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups, threads};
+  auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), a);
+  return Run(kForward, g, threads, x.untyped_data(), w.untyped_data(), y->untyped_data());
+}
+
+ffi::Error BackwardData(Buffer4 dy, Buffer4 w, Result4 dx, int64_t stride_h, int64_t stride_w,
+                        int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+                        int64_t groups, int64_t threads) {
+  Attrs a{stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups, threads};
+  auto g = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), a);
+  return Run(kBackwardData, g, threads, dy.untyped_data(), w.untyped_data(),
+             dx->untyped_data());
+}
+
+ffi::Error BackwardWeights(Buffer4 x, Buffer4 dy, Result4 dw, int64_t stride_h, int64_t stride_w,
+                           int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
+                           int64_t pad_right, int64_t groups, int64_t threads) {
+  Attrs a{stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups, threads};
+  auto g = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), a);
+  return Run(kBackwardWeights, g, threads, x.untyped_data(), dy.untyped_data(),
+             dw->untyped_data());
+}
+
+}  // namespace
+
+#define FLAXRES_CONV_ATTRS                                                          \
+  .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top")     \
+      .Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left").Attr<int64_t>("pad_right") \
+      .Attr<int64_t>("groups").Attr<int64_t>("threads")
+
+// Built with -fvisibility=hidden: only the handlers and the version query are exported.
+#pragma GCC visibility push(default)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_fwd, Forward,
+                              ffi::Ffi::Bind().Arg<Buffer4>().Arg<Buffer4>().Ret<Buffer4>()
+                                  FLAXRES_CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bwd_data, BackwardData,
+                              ffi::Ffi::Bind().Arg<Buffer4>().Arg<Buffer4>().Ret<Buffer4>()
+                                  FLAXRES_CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bwd_weights, BackwardWeights,
+                              ffi::Ffi::Bind().Arg<Buffer4>().Arg<Buffer4>().Ret<Buffer4>()
+                                  FLAXRES_CONV_ATTRS);
+
+// "major.minor.patch" of the oneDNN the library runs with (for results files).
+extern "C" const char* flaxres_onednn_version() {
+  static const std::string v = [] {
+    const dnnl_version_t* ver = dnnl_version();
+    return std::to_string(ver->major) + "." + std::to_string(ver->minor) + "." +
+           std::to_string(ver->patch);
+  }();
+  return v.c_str();
+}
+#pragma GCC visibility pop
