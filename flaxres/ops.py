@@ -21,6 +21,11 @@ paths a model uses; ``CpuOps.off()`` gives plain ``lax`` on the CPU too, for A/B
 Cases the CPU path does not handle (input/kernel dilation, non-NHWC/HWIO layouts, negative
 padding, batch_group_count, non-2-D, integer dtypes, grouped convolutions with more than one group,
 where the scan-GEMM was not faster) go to ``lax.conv_general_dilated`` unchanged.
+
+``CpuOps(conv="onednn")`` runs fp32 convolutions (forward and both gradients, groups included) in
+oneDNN through ``jax.ffi`` instead (:mod:`flaxres.cpu.onednn`, docs/onednn.md), again only in the
+CPU branch; float64, bf16 and the cases above keep the paths described here, and so does
+everything when the C++ extension is not built (with one warning).
 """
 
 from __future__ import annotations
@@ -28,10 +33,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from flaxres.cpu import onednn
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -48,6 +56,16 @@ class CpuOps:
     # Rows (images x output pixels) per chunk of the weight-gradient scan: 2k-4k rows keep the
     # chunk's patches in L2/L3 and Eigen's GEMM efficient (docs/performance.md).
     wgrad_chunk_rows: int = 4096
+    # Who runs fp32 convolutions on the CPU: XLA (with the paths above) or oneDNN via jax.ffi.
+    conv: Literal["xla", "onednn"] = "xla"
+    # oneDNN's OpenMP threads per convolution; 0 = OpenMP's default (OMP_NUM_THREADS or all cores).
+    onednn_threads: int = 0
+
+    def __post_init__(self):
+        if self.conv not in ("xla", "onednn"):
+            raise ValueError(f"CpuOps.conv must be 'xla' or 'onednn', not {self.conv!r}")
+        if self.onednn_threads < 0:
+            raise ValueError(f"CpuOps.onednn_threads must be >= 0, not {self.onednn_threads}")
 
     @classmethod
     def off(cls) -> CpuOps:
@@ -95,7 +113,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
                          preferred_element_type=None, *, cpu: CpuOps = CpuOps(), **kwargs):
-    """``lax.conv_general_dilated``; on the CPU with the faster weight gradient (same function)."""
+    """``lax.conv_general_dilated``; on the CPU with the faster weight gradient or oneDNN's
+    convolutions, as ``cpu`` says (same function)."""
     lax_call = functools.partial(
         lax.conv_general_dilated, window_strides=window_strides, padding=padding,
         lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -104,11 +123,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         preferred_element_type=preferred_element_type, **kwargs)
     if kwargs.get("out_sharding") is None:
         kwargs.pop("out_sharding", None)
-    if not (cpu.wgrad_gemm and not kwargs and lhs.ndim == 4 and rhs.ndim == 4
+    if not (not kwargs and lhs.ndim == 4 and rhs.ndim == 4
             and _is_nhwc_hwio(dimension_numbers)
             and all(d == 1 for d in (lhs_dilation or (1, 1)))
             and all(d == 1 for d in (rhs_dilation or (1, 1)))
-            and feature_group_count == 1 and batch_group_count == 1
+            and batch_group_count == 1
             and preferred_element_type is None and precision is None
             and jnp.issubdtype(lhs.dtype, jnp.floating) and lhs.dtype == rhs.dtype):
         return lax_call(lhs, rhs)
@@ -116,13 +135,22 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     pads = _explicit_padding(padding, lhs.shape, rhs.shape, strides)
     if any(p < 0 for pair in pads for p in pair):
         return lax_call(lhs, rhs)
+    groups = feature_group_count
+    plain = functools.partial(_lax_conv, strides=strides, pads=pads, groups=groups)
+    if (cpu.conv == "onednn" and onednn.supports(lhs, rhs, groups) and onednn.available()):
+        return lax.platform_dependent(
+            lhs, rhs, default=plain,
+            cpu=lambda x, w: onednn.conv(x, w, strides, pads, groups, cpu.onednn_threads))
+    if not cpu.wgrad_gemm or groups != 1:
+        return lax_call(lhs, rhs)
     return lax.platform_dependent(
         lhs, rhs, cpu=lambda x, w: _conv(x, w, strides, pads, cpu.wgrad_chunk_rows),
-        default=lambda x, w: _lax_conv(x, w, strides, pads))
+        default=plain)
 
 
-def _lax_conv(x, w, strides, pads):
-    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+def _lax_conv(x, w, strides, pads, groups: int = 1):
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC,
+                                    feature_group_count=groups)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

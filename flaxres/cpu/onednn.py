@@ -106,6 +106,8 @@ def _attrs(strides, pads, groups: int, threads: int) -> dict[str, np.int64]:
 
 
 def _call(target: str, out_shape, a, b, attrs):
+    if library() is None:  # registers the targets on first use
+        raise RuntimeError("flaxres: oneDNN convolutions unavailable (extension not loaded)")
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, a.dtype),
                             vmap_method="sequential")(a, b, **attrs)
 

@@ -1,0 +1,161 @@
+"""oneDNN convolutions through jax.ffi (flaxres.cpu.onednn) compute lax's convolution.
+
+Each of the three primitives (forward, backward-data, backward-weights) and their autodiff
+against ``lax.conv_general_dilated`` and its VJP, over the configurations ResNets use and a few
+they do not; what oneDNN does not take (float64, bf16, dilation) stays ``lax``; a missing
+extension warns and falls back. Tests that run oneDNN skip when the extension is not built.
+"""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import flaxres
+from flaxres import ops
+from flaxres.cpu import onednn
+
+DN = ("NHWC", "HWIO", "NHWC")
+ONEDNN = ops.CpuOps(conv="onednn")
+needs_extension = pytest.mark.skipif(
+    onednn.extension_path() is None,
+    reason="oneDNN extension not built (pip install -e . builds it; docs/onednn.md)")
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+CASES = [  # (n, h, w, cin, cout, k, stride, pads, groups)
+    (4, 16, 16, 16, 16, 3, 1, ((1, 1), (1, 1)), 1),   # CIFAR 3x3
+    (3, 16, 16, 16, 32, 3, 2, ((1, 1), (1, 1)), 1),   # strided downsampling
+    (2, 9, 7, 8, 12, 3, 2, ((1, 1), (1, 1)), 1),      # odd sizes with stride (rows dropped)
+    (3, 8, 8, 32, 64, 1, 1, ((0, 0), (0, 0)), 1),     # 1x1
+    (3, 9, 9, 16, 32, 1, 2, ((0, 0), (0, 0)), 1),     # 1x1 strided projection, odd size
+    (2, 23, 23, 3, 16, 7, 2, ((3, 3), (3, 3)), 1),    # ImageNet 7x7/2 stem
+    (2, 10, 10, 4, 6, 3, 1, ((0, 2), (1, 0)), 1),     # asymmetric explicit padding
+    (2, 8, 8, 32, 32, 3, 1, ((1, 1), (1, 1)), 8),     # grouped (ResNeXt)
+    (2, 9, 9, 16, 16, 3, 2, ((1, 1), (1, 1)), 16),    # depthwise, strided
+]
+IDS = ["3x3", "3x3s2", "odd", "1x1", "1x1s2", "7x7s2", "asym", "groups8", "depthwise"]
+
+
+def _data(n, h, w, cin, cout, k, stride, pads, groups):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, h, w, cin)), jnp.float32)
+    wt = jnp.asarray(rng.standard_normal((k, k, cin // groups, cout)) * 0.2, jnp.float32)
+    lax_conv = lambda x, wt: lax.conv_general_dilated(  # noqa: E731
+        x, wt, (stride, stride), pads, dimension_numbers=DN, feature_group_count=groups)
+    y, vjp = jax.vjp(lax_conv, x, wt)
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    return x, wt, dy, y, vjp(dy)
+
+
+@needs_extension
+@pytest.mark.parametrize("n,h,w,cin,cout,k,stride,pads,groups", CASES, ids=IDS)
+def test_primitives_match_lax(n, h, w, cin, cout, k, stride, pads, groups):
+    x, wt, dy, y0, (dx0, dw0) = _data(n, h, w, cin, cout, k, stride, pads, groups)
+    s = (stride, stride)
+    y1 = jax.jit(lambda x, wt: onednn.conv_forward(x, wt, s, pads, groups))(x, wt)
+    dx1 = jax.jit(lambda dy, wt: onednn.conv_backward_data(dy, wt, x.shape, s, pads, groups))(
+        dy, wt)
+    dw1 = jax.jit(lambda x, dy: onednn.conv_backward_weights(x, dy, wt.shape, s, pads, groups))(
+        x, dy)
+    assert (y1.shape, dx1.shape, dw1.shape) == (y0.shape, dx0.shape, dw0.shape)
+    assert rel(y1, y0) <= 1e-6
+    assert rel(dx1, dx0) <= 1e-6
+    assert rel(dw1, dw0) <= 1e-5
+
+
+@needs_extension
+@pytest.mark.parametrize("n,h,w,cin,cout,k,stride,pads,groups", CASES[:3] + CASES[7:8],
+                         ids=IDS[:3] + IDS[7:8])
+def test_autodiff_through_ops_matches_lax(n, h, w, cin, cout, k, stride, pads, groups):
+    """flaxres.ops with CpuOps(conv="onednn"): value and both gradients under jit, as lax."""
+    x, wt, dy, y0, (dx0, dw0) = _data(n, h, w, cin, cout, k, stride, pads, groups)
+
+    def f(x, wt):
+        return ops.conv_general_dilated(x, wt, (stride, stride), pads, dimension_numbers=DN,
+                                        feature_group_count=groups, cpu=ONEDNN)
+
+    y1, (dx1, dw1) = jax.jit(lambda x, wt: (f(x, wt), jax.vjp(f, x, wt)[1](dy)))(x, wt)
+    assert "flaxres_onednn_conv_bwd_weights" in jax.jit(
+        lambda x, wt: jax.vjp(f, x, wt)[1](dy)).lower(x, wt).as_text()
+    assert rel(y1, y0) <= 1e-6 and rel(dx1, dx0) <= 1e-6 and rel(dw1, dw0) <= 1e-5
+
+
+@needs_extension
+def test_thread_count_gives_the_same_result():
+    x, wt, dy, y0, (dx0, dw0) = _data(*CASES[1])
+    pads = CASES[1][7]
+    f = lambda x, wt: onednn.conv(x, wt, (2, 2), pads, 1, 1)  # noqa: E731 - one thread
+    y1, vjp = jax.vjp(f, x, wt)
+    dx1, dw1 = vjp(dy)
+    assert rel(y1, y0) <= 1e-6 and rel(dx1, dx0) <= 1e-6 and rel(dw1, dw0) <= 1e-5
+
+
+@needs_extension
+def test_resnet20_grads_onednn_match_xla():
+    """Whole-model gradient of ResNet-20 (train mode) with oneDNN convolutions, as plain lax's."""
+    import optax
+    from flax import nnx
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 32, 32, 3)), jnp.float32)
+    y = jnp.arange(8) % 10
+
+    def grads(cpu_ops):
+        model = flaxres.create_model("resnet20", cpu_ops=cpu_ops)
+        gd, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p):
+            logits = nnx.merge(gd, p, rest, copy=True)(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (l0, g0), (l1, g1) = grads(ops.CpuOps.off()), grads(ONEDNN)
+    assert rel(l1, l0) <= 1e-6
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        assert rel(a, b) <= 1e-4
+
+
+def _lowered(dtype, cpu: ops.CpuOps = ONEDNN, **kw) -> str:
+    x = jax.ShapeDtypeStruct((2, 8, 8, 4), dtype)
+    w = jax.ShapeDtypeStruct((3, 3, 4, 4), dtype)
+    f = lambda x, w: ops.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN, cpu=cpu, **kw)
+    return jax.jit(jax.grad(lambda x, w: f(x, w).sum(), argnums=(0, 1))).lower(x, w).as_text()
+
+
+@needs_extension
+def test_only_fp32_undilated_goes_to_onednn():
+    assert "flaxres_onednn_conv_bwd_data" in _lowered(jnp.float32)
+    assert "flaxres_onednn" not in _lowered(jnp.bfloat16)
+    assert "flaxres_onednn" not in _lowered(jnp.float32, rhs_dilation=(2, 2))
+    assert "flaxres_onednn" not in _lowered(jnp.float32, cpu=ops.CpuOps())
+
+
+def test_float64_and_bf16_are_not_supported():
+    """oneDNN has no float64 convolution and bf16 stays on XLA: both keep the lax paths."""
+    w = jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32)
+    for dtype in (jnp.float64, jnp.bfloat16):
+        assert not onednn.supports(jax.ShapeDtypeStruct((2, 8, 8, 4), dtype), w, 1)
+    assert onednn.supports(jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32), w, 1)
+    assert not onednn.supports(jax.ShapeDtypeStruct((2, 8, 8, 6), jnp.float32), w, 1)
+
+
+@pytest.mark.parametrize("path", [None, Path("/nonexistent/_onednn_conv.so")], ids=["unbuilt",
+                                                                                    "missing"])
+def test_missing_extension_warns_and_gives_none(path):
+    with pytest.warns(RuntimeWarning, match="oneDNN convolutions unavailable.*XLA's convolutions"):
+        assert onednn.load(path) is None
+
+
+def test_cpu_ops_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="CpuOps.conv"):
+        ops.CpuOps(conv="mkl")
+    with pytest.raises(ValueError, match="onednn_threads"):
+        ops.CpuOps(onednn_threads=-1)
