@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import flaxres
+from flaxres.cpu import onednn
 
 # ResNet-20: 19 convolutions (stem, 18 in blocks; option-A shortcuts have none). A train gradient
 # needs each one's forward and weight gradient, and an input gradient for all but the stem's.
@@ -51,6 +52,33 @@ def test_cuda_export_is_plain_lax(dtype):
     module = _train_grad_module("cuda", dtype=dtype)
     assert _count(module, "while") == 0
     assert _count(module, "convolution") == R20_LAX_TRAIN_CONVS
+
+
+def test_cuda_export_has_no_onednn():
+    """CpuOps(conv="onednn") changes only the CPU branch: the CUDA export is the same plain
+    program, without a oneDNN custom call."""
+    module = _train_grad_module("cuda", flaxres.CpuOps(conv="onednn"))
+    assert "flaxres_onednn" not in module and _count(module, "custom_call") == 0
+    assert _count(module, "while") == 0
+    assert _count(module, "convolution") == R20_LAX_TRAIN_CONVS
+
+
+@pytest.mark.skipif(onednn.extension_path() is None, reason="oneDNN extension not built")
+def test_cpu_program_with_onednn_has_no_xla_convolutions():
+    """On the CPU every convolution of the train step is a oneDNN call: each layer's forward and
+    weight gradient, and an input gradient for all but the stem's."""
+    model = flaxres.create_model("resnet20", cpu_ops=flaxres.CpuOps(conv="onednn"))
+    model.train()
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    x = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
+
+    def grad_fn(params, x):
+        return jax.grad(lambda p: nnx.merge(graphdef, p, stats, copy=True)(x).sum())(params)
+
+    text = jax.jit(grad_fn).lower(params, x).as_text()
+    assert _count(text, "convolution") == 0
+    assert (text.count("@flaxres_onednn_conv_fwd"), text.count("@flaxres_onednn_conv_bwd_data"),
+            text.count("@flaxres_onednn_conv_bwd_weights")) == (R20_CONVS, R20_CONVS - 1, R20_CONVS)
 
 
 def test_cpu_export_uses_fast_paths():
