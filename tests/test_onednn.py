@@ -149,9 +149,18 @@ def test_float64_and_bf16_are_not_supported():
 
 @pytest.mark.parametrize("path", [None, Path("/nonexistent/_onednn_conv.so")], ids=["unbuilt",
                                                                                     "missing"])
-def test_missing_extension_warns_and_gives_none(path):
-    with pytest.warns(RuntimeWarning, match="oneDNN convolutions unavailable.*XLA's convolutions"):
-        assert onednn.load(path) is None
+def test_load_names_the_cause(path):
+    with pytest.raises(OSError, match="not built|nonexistent"):
+        onednn.load(path)
+
+
+def test_missing_extension_warns_and_falls_back_to_lax(monkeypatch):
+    """Without the extension CpuOps(conv="onednn") warns and traces XLA's convolutions."""
+    monkeypatch.setattr(onednn, "_load_once", lambda: "simulated: extension not built")
+    with pytest.warns(RuntimeWarning, match="simulated: extension not built.*XLA's conv"):
+        text = _lowered(jnp.float32)
+    assert "flaxres_onednn" not in text and "convolution" in text
+    assert onednn.unavailable_reason() == "simulated: extension not built"
 
 
 def test_cpu_ops_rejects_unknown_backend():

@@ -8,7 +8,7 @@ them with ``jax.custom_vjp``. :mod:`flaxres.ops` calls it only inside the CPU br
 platforms and every other case keep ``lax``.
 
 If the extension was not built, or oneDNN's runtime cannot be loaded, :func:`library` warns once
-and returns None, and flaxres.ops uses XLA's convolutions instead.
+and returns None, and flaxres.ops uses XLA's convolutions instead (never a crash).
 """
 
 from __future__ import annotations
@@ -52,31 +52,55 @@ def _runtime_path() -> Path | None:
     return None
 
 
-def load(path: Path | None) -> ctypes.CDLL | None:
-    """Loads the extension at ``path`` and registers its FFI targets for the CPU; on failure
-    warns (one line with the cause) and returns None."""
+def load(path: Path | None) -> ctypes.CDLL:
+    """Loads the extension at ``path`` (oneDNN's runtime first) and registers its FFI targets for
+    the CPU; raises OSError naming the cause when it cannot."""
+    if path is None:
+        raise OSError("C++ extension not built; reinstall flaxres with pip on Linux x86-64, "
+                      "see docs/onednn.md")
+    runtime = _runtime_path()
+    if runtime is not None:  # loaded first, so the extension's DT_NEEDED resolves to it
+        ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
+    lib = ctypes.CDLL(str(path))
     try:
-        if path is None:
-            raise OSError("extension not built (reinstall with pip; see docs/onednn.md)")
-        runtime = _runtime_path()
-        if runtime is not None:  # loaded first, so the extension's DT_NEEDED resolves to it
-            ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
-        lib = ctypes.CDLL(str(path))
         for target in (FORWARD, BACKWARD_DATA, BACKWARD_WEIGHTS):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)),
                                         platform="cpu")
         lib.flaxres_onednn_version.restype = ctypes.c_char_p
-        return lib
-    except (OSError, AttributeError) as err:
-        warnings.warn(f"flaxres: oneDNN convolutions unavailable ({err}); using XLA's "
-                      "convolutions on the CPU", RuntimeWarning, stacklevel=2)
-        return None
+    except AttributeError as err:
+        raise OSError(f"{path}: {err}") from err
+    return lib
 
 
 @functools.cache
+def _load_once() -> ctypes.CDLL | str:
+    """The loaded extension, or why it is unavailable; tried once per process."""
+    try:
+        return load(extension_path())
+    except OSError as err:
+        return str(err)
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"flaxres: oneDNN convolutions unavailable ({reason}); using XLA's "
+                  "convolutions on the CPU", RuntimeWarning, stacklevel=4)
+
+
+def unavailable_reason() -> str | None:
+    """Why oneDNN convolutions cannot run here (None when they can); no warning, for CLIs."""
+    loaded = _load_once()
+    return loaded if isinstance(loaded, str) else None
+
+
 def library() -> ctypes.CDLL | None:
-    """The extension, loaded and registered once per process (None if unavailable)."""
-    return load(extension_path())
+    """The extension, loaded and registered once per process; None (with one warning per
+    process) when unavailable."""
+    loaded = _load_once()
+    if isinstance(loaded, str):
+        _warn_once(loaded)
+        return None
+    return loaded
 
 
 def available() -> bool:
