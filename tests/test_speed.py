@@ -82,7 +82,7 @@ def test_markdown_states_the_precision_policy():
                     "date_utc": "now", "loadavg_start": None},
         "args": {"threads": 2, "precision": "fp32", "batch_size": 8},
         "peak": {"matmul_n": 8, "peak_flop_s": 1e9, "jax_flop_s": 1e9, "torch_flop_s": 1e9},
-        "flaxres_ops": "on",
+        "flaxres_ops": "on", "cpu_conv": "onednn 3.2.0",
         "precision_policy": {"policy": "highest", "jax_default_matmul_precision": "highest",
                              "torch.backends.cuda.matmul.fp32_precision": "ieee"},
         "archs": {"resnet20": {"flops_per_image": 8.1e7, "weights": "w", "frameworks": {
@@ -90,6 +90,7 @@ def test_markdown_states_the_precision_policy():
     }
     md = report.markdown(results)
     assert "precision policy `highest`" in md and "cuda.matmul=ieee" in md
+    assert "CPU convolutions: onednn 3.2.0." in md
     assert "| resnet20 | flaxres-jit | 100 (90–110) | 2430% | 1.00× |" in md
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 import flaxres
+from flaxres.cpu import onednn
 from train import checkpoint, data, optim, steps
 from train.config import Config
 
@@ -99,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("--eval-only and --predict need --checkpoint PATH")
     if len(cfg.mean) != 3 or len(cfg.std) != 3:
         p.error("--mean and --std take three numbers (R G B)")
+    if cfg.cpu_conv == "onednn" and (reason := onednn.unavailable_reason()):
+        p.error(f"--cpu-conv onednn: {reason}")
     return cfg
 
 
@@ -107,11 +110,13 @@ def build_model(cfg: Config) -> flaxres.ResNet:
     ``flaxres.cifar_resnet`` (e.g. resnet8, handy for quick experiments), whose error names the
     valid depths."""
     dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
+    cpu_ops = flaxres.CpuOps(conv=cfg.cpu_conv)
     m = re.fullmatch(r"resnet(\d+)", cfg.arch)
     if cfg.arch not in flaxres.list_models() and m:
         return flaxres.cifar_resnet(int(m.group(1)), num_classes=cfg.num_classes, dtype=dtype,
-                                    rngs=nnx.Rngs(cfg.seed))
-    return flaxres.create_model(cfg.arch, num_classes=cfg.num_classes, seed=cfg.seed, dtype=dtype)
+                                    cpu_ops=cpu_ops, rngs=nnx.Rngs(cfg.seed))
+    return flaxres.create_model(cfg.arch, num_classes=cfg.num_classes, seed=cfg.seed, dtype=dtype,
+                                cpu_ops=cpu_ops)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -66,6 +66,9 @@ class Config:
                             "the same for every seed (quick runs)")
     seed: int = _f(0, "seed for initial weights, data order, augmentation and the val split")
     precision: str = _f("fp32", "compute dtype (parameters stay fp32)", choices=("fp32", "bf16"))
+    cpu_conv: str = _f("xla", "who runs fp32 convolutions on the CPU: 'xla' or 'onednn' (oneDNN "
+                       "through jax.ffi, needs the C++ extension; docs/onednn.md); other "
+                       "platforms always use their own", choices=("xla", "onednn"))
     log_every: int = _f(20, "progress-bar refresh interval in steps (each refresh syncs)")
     resume: bool = _f(False, "continue from <workdir>/checkpoints/last")
     eval_only: bool = _f(False, "only evaluate --checkpoint on the test set")

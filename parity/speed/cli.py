@@ -55,7 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-fast-ops", action="store_true",
                    help="flaxres with flaxres.CpuOps.off() (lax convolutions, autodiff "
                         "BatchNorm), for before/after comparisons")
+    p.add_argument("--cpu-conv", choices=("xla", "onednn"), default="xla",
+                   help="who runs flaxres's fp32 convolutions on the CPU (flaxres.CpuOps.conv): "
+                        "XLA or oneDNN through jax.ffi (docs/onednn.md); recorded in the results")
     args = p.parse_args(argv)
+    if args.cpu_conv == "onednn":
+        from flaxres.cpu import onednn
+
+        if reason := onednn.unavailable_reason():
+            p.error(f"--cpu-conv onednn: {reason}")
     unknown = set(_names(args.frameworks)) - set(FRAMEWORKS)
     if unknown:
         p.error(f"--frameworks: unknown {', '.join(sorted(unknown))}; choose from "
@@ -63,6 +71,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if set(_names(args.modes)) - {"train", "infer"}:
         p.error("--modes takes train, infer or train,infer")
     return args
+
+
+def _cpu_ops(args: argparse.Namespace):
+    """flaxres's CPU paths as the flags say: --no-fast-ops and --cpu-conv."""
+    import dataclasses
+
+    import flaxres
+
+    base = flaxres.CpuOps.off() if args.no_fast_ops else flaxres.CpuOps()
+    return dataclasses.replace(base, conv=args.cpu_conv)
+
+
+def _cpu_conv(choice: str) -> str:
+    """The backend with its version, for the results ("onednn 3.2.0")."""
+    if choice != "onednn":
+        return choice
+    from flaxres.cpu import onednn
+
+    return f"onednn {onednn.version()}"
 
 
 def _names(csv: str) -> list[str]:
@@ -111,6 +138,7 @@ def measure(args: argparse.Namespace, fws: list[str]) -> dict:
         results = {"args": vars(args), "machine": report.machine(), "archs": {},
                    "precision_policy": policy, "torch_device": dev,
                    "flaxres_ops": "off (lax + autodiff BatchNorm)" if args.no_fast_ops else "on",
+                   "cpu_conv": _cpu_conv(args.cpu_conv),
                    "timing": "all frameworks in one process, reps interleaved"}
         print(f"# {results['machine']['cpu']}, threads={args.threads}, load "
               f"{results['machine']['loadavg_start']}", flush=True)
@@ -119,7 +147,7 @@ def measure(args: argparse.Namespace, fws: list[str]) -> dict:
         for i, arch in enumerate(_names(args.arch)):
             images, labels = _batch(args, seed=i)
             jb = jax_runner.build(arch, images, labels, num_classes=args.num_classes,
-                                  precision=args.precision, fast_ops=not args.no_fast_ops,
+                                  precision=args.precision, cpu_ops=_cpu_ops(args),
                                   mean=CIFAR_MEAN, std=CIFAR_STD)
             base = torch_runner.reference_with_weights_of(arch, jb.model, args.num_classes)
             x = jax_runner.normalized(images, CIFAR_MEAN, CIFAR_STD)
@@ -192,7 +220,7 @@ def isolated(argv: list[str], args: argparse.Namespace, fws: list[str]) -> dict:
             for i, arch in enumerate(results["archs"]):
                 images, labels = _batch(args, seed=i)
                 jb = jax_runner.build(arch, images, labels, num_classes=args.num_classes,
-                                      precision=args.precision, fast_ops=not args.no_fast_ops,
+                                      precision=args.precision, cpu_ops=_cpu_ops(args),
                                       mean=CIFAR_MEAN, std=CIFAR_STD)
                 base = torch_runner.reference_with_weights_of(arch, jb.model, args.num_classes)
                 results["archs"][arch]["e2e"] = _e2e(args, jb, base)

@@ -42,12 +42,11 @@ def normalized(images: np.ndarray, mean, std) -> np.ndarray:
 
 
 def build(arch: str, images: np.ndarray, labels: np.ndarray, *, num_classes: int,
-          precision: str, fast_ops: bool, mean, std) -> JaxRunner:
+          precision: str, cpu_ops: flaxres.CpuOps, mean, std) -> JaxRunner:
     """``images`` uint8 (N, H, W, 3) and ``labels`` go on the device once; each train call is one
     ``steps.train_step`` over all N of them (no augmentation), each infer call one
     ``steps.predict_probs``."""
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
-    cpu_ops = flaxres.CpuOps() if fast_ops else flaxres.CpuOps.off()
     model = flaxres.create_model(arch, num_classes=num_classes, dtype=dtype, cpu_ops=cpu_ops)
     tx = optim.sgd(LR, MOMENTUM, WEIGHT_DECAY)
     mesh = steps.make_mesh()

@@ -65,7 +65,8 @@ def markdown(results: dict) -> str:
     peak_line = (
         f"Peak ({args['precision']} matmul {peak['matmul_n']}^3): "
         f"{peak['peak_flop_s'] / 1e9:.1f} GFLOP/s (jax {peak['jax_flop_s'] / 1e9:.1f}, "
-        f"torch {peak['torch_flop_s'] / 1e9:.1f}). flaxres CPU ops: {results['flaxres_ops']}. "
+        f"torch {peak['torch_flop_s'] / 1e9:.1f}). flaxres CPU ops: {results['flaxres_ops']}, "
+        f"CPU convolutions: {results.get('cpu_conv', 'xla')}. "
         "Median over the timed reps, (range) = slowest–fastest rep; "
         f"{results.get('timing', 'reps interleaved across frameworks')}.")
     lines = [machine_line, peak_line, _policy_line(results), ""]
