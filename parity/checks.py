@@ -343,10 +343,12 @@ class Case:
     fp32 rounding alone moves this net (see :class:`Measure`).
     """
 
-    def __init__(self, name: str, overrides: dict | None = None, seed: int = 0):
+    def __init__(self, name: str, overrides: dict | None = None, seed: int = 0, *,
+                 cpu_ops: flaxres.CpuOps | None = None):
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True)
         self.name, self.overrides = name, dict(overrides or {})
+        self.cpu_ops = cpu_ops or flaxres.CpuOps()  # --cpu-conv onednn: oneDNN convolutions
         self.id = case_id(name, self.overrides)
         self.batch, self.hw = input_size(name)
         rng = np.random.default_rng(seed)
@@ -366,7 +368,8 @@ class Case:
             if precision not in self._models:
                 dt = _NP_DTYPE[precision]
                 self._models[precision] = from_torch(
-                    flaxres.create_model(self.name, dtype=dt, param_dtype=dt, **self.overrides),
+                    flaxres.create_model(self.name, dtype=dt, param_dtype=dt, cpu_ops=self.cpu_ops,
+                                         **self.overrides),
                     self.torch_model.state_dict())
             return self._models[precision]
 

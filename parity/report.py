@@ -20,8 +20,21 @@ import time
 import jax
 import torch
 
-from parity.checks import (CASES, CHECKS, FLOOR_FACTOR, TOL, TRAJ_CASES, TRAJ_FULL, Case, Measure,
-                           case_id, check_schedules, run_case)
+import flaxres
+from flaxres.cpu import onednn
+from parity.checks import (
+    CASES,
+    CHECKS,
+    FLOOR_FACTOR,
+    TOL,
+    TRAJ_CASES,
+    TRAJ_FULL,
+    Case,
+    Measure,
+    case_id,
+    check_schedules,
+    run_case,
+)
 
 _COLUMNS = ("eval", "train", "features", "grads", "optim", "traj_loss", "traj_state", "checkpoint")
 
@@ -40,13 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m parity.report", description=__doc__.split("\n")[0])
     p.add_argument("--arch", default=None, help="comma-separated case ids (default: all)")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"subset of {','.join(CHECKS)}")
+    p.add_argument("--cpu-conv", choices=("xla", "onednn"), default="xla",
+                   help="CPU convolutions of the flaxres models (CpuOps.conv; docs/onednn.md)")
     args = p.parse_args(argv)
+    if args.cpu_conv == "onednn" and (reason := onednn.unavailable_reason()):
+        p.error(f"--cpu-conv onednn: {reason}")
+    cpu_ops = flaxres.CpuOps(conv=args.cpu_conv)
     cases = CASES if args.arch is None else [c for c in CASES if case_id(*c) in args.arch.split(",")]
     if args.arch and not cases:
         p.error(f"no such case; choose from {', '.join(case_id(*c) for c in CASES)}")
     checks = args.checks.split(",")
     print(f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), jax {jax.__version__}. Cells: worst relative error "
+          f"({torch.get_num_threads()} threads), jax {jax.__version__}, CPU convolutions "
+          f"{args.cpu_conv}. Cells: worst relative error "
           f"||flaxres - torch|| / ||torch|| per tensor against PyTorch float64, flaxres float64 · "
           f"flaxres fp32 [PyTorch fp32's own error, where fp32 exceeds the tolerance; fp32 passes "
           f"within {FLOOR_FACTOR:g}x of it]; (kinks): fp32 gradients against float64 on fp32's "
@@ -57,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     failures, notes = [], []
     for name, overrides in cases:
         t = time.perf_counter()
-        case = Case(name, overrides)
+        case = Case(name, overrides, cpu_ops=cpu_ops)
         todo = [c for c in checks if c != "trajectory" or TRAJ_FULL or case.id in TRAJ_CASES]
         measures = {(m.check, m.precision): m for m in run_case(case, todo)}
         failures += [(case.id, m) for m in measures.values() if not m.ok]

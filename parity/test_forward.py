@@ -20,6 +20,6 @@ def test_stage_features(case: Case):
 
 @pytest.mark.parametrize("name,overrides", SUBSETS["blockwise"],
                          ids=[case_id(*c) for c in SUBSETS["blockwise"]])
-def test_blockwise_equals_whole_model(name: str, overrides: dict):
+def test_blockwise_equals_whole_model(name: str, overrides: dict, cpu_ops):
     """The jitted block-by-block path the other checks use is the model's own function."""
-    assert_measures(Case(name, overrides).check_blockwise())
+    assert_measures(Case(name, overrides, cpu_ops=cpu_ops).check_blockwise())

@@ -48,7 +48,7 @@ def _data(n, h, w, cin, cout, k, stride, pads, groups):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((n, h, w, cin)), jnp.float32)
     wt = jnp.asarray(rng.standard_normal((k, k, cin // groups, cout)) * 0.2, jnp.float32)
-    lax_conv = lambda x, wt: lax.conv_general_dilated(  # noqa: E731
+    lax_conv = lambda x, wt: lax.conv_general_dilated(
         x, wt, (stride, stride), pads, dimension_numbers=DN, feature_group_count=groups)
     y, vjp = jax.vjp(lax_conv, x, wt)
     dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
@@ -92,7 +92,7 @@ def test_autodiff_through_ops_matches_lax(n, h, w, cin, cout, k, stride, pads, g
 def test_thread_count_gives_the_same_result():
     x, wt, dy, y0, (dx0, dw0) = _data(*CASES[1])
     pads = CASES[1][7]
-    f = lambda x, wt: onednn.conv(x, wt, (2, 2), pads, 1, 1)  # noqa: E731 - one thread
+    f = lambda x, wt: onednn.conv(x, wt, (2, 2), pads, 1, 1)  # one thread
     y1, vjp = jax.vjp(f, x, wt)
     dx1, dw1 = vjp(dy)
     assert rel(y1, y0) <= 1e-6 and rel(dx1, dx0) <= 1e-6 and rel(dw1, dw0) <= 1e-5
@@ -125,7 +125,7 @@ def test_resnet20_grads_onednn_match_xla():
 def _lowered(dtype, cpu: ops.CpuOps = ONEDNN, **kw) -> str:
     x = jax.ShapeDtypeStruct((2, 8, 8, 4), dtype)
     w = jax.ShapeDtypeStruct((3, 3, 4, 4), dtype)
-    f = lambda x, w: ops.conv_general_dilated(  # noqa: E731
+    f = lambda x, w: ops.conv_general_dilated(
         x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN, cpu=cpu, **kw)
     return jax.jit(jax.grad(lambda x, w: f(x, w).sum(), argnums=(0, 1))).lower(x, w).as_text()
 
