@@ -99,6 +99,23 @@ def test_thread_count_gives_the_same_result():
 
 
 @needs_extension
+def test_concurrent_calls_of_one_primitive_are_correct():
+    """XLA may run handlers on several threads at once: the same cached primitive executed
+    concurrently must give each caller its own right answer (per-thread scratchpads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, wt, dy, _, (dx0, dw0) = _data(*CASES[0])
+    pads = CASES[0][7]
+    conv = lambda a, b: onednn.conv(a, b, (1, 1), pads)
+    bwd = jax.jit(lambda x, wt, dy: jax.vjp(conv, x, wt)[1](dy))
+    scales = [jnp.float32(k + 1) for k in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda k: bwd(x, wt, dy * k), scales))
+    for k, (dx1, dw1) in zip(scales, outs, strict=True):
+        assert rel(dx1, dx0 * k) <= 1e-6 and rel(dw1, dw0 * k) <= 1e-5
+
+
+@needs_extension
 def test_resnet20_grads_onednn_match_xla():
     """Whole-model gradient of ResNet-20 (train mode) with oneDNN convolutions, as plain lax's."""
     import optax
