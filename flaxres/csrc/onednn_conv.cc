@@ -234,8 +234,11 @@ ffi::Error Run(Kind kind, const Geometry& g, int64_t threads, void* in0, void* i
                       "flaxres oneDNN conv: channels not divisible by groups");
   }
   try {
-    // Per calling (XLA worker) thread; XLA itself does not use OpenMP.
-    if (threads > 0 && omp_get_max_threads() != threads) omp_set_num_threads(int(threads));
+    // The OpenMP thread count is per calling (XLA worker) thread and persists on it (XLA itself
+    // does not use OpenMP), so threads == 0 restores the process default explicitly.
+    static const int default_threads = omp_get_max_threads();
+    const int want = threads > 0 ? int(threads) : default_threads;
+    if (omp_get_max_threads() != want) omp_set_num_threads(want);
     Execute(Cached(kind, g), in0, in1, out);
   } catch (const dnnl::error& err) {
     return ffi::Error(ffi::ErrorCode::kInternal,
