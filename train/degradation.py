@@ -47,12 +47,34 @@ class Net:
     lr: float = 0.1
     weight_decay: float = 1e-4
     step_decay: bool = True  # lr / 10 at 50% and 75% of training (the paper's 32k/48k of 64k)
+    # "kaiming": flaxres' (He et al.'s) init; "torch_default": nn.Conv2d's own default, which the
+    # tutorials' hand-written no-BN nets get, and under which a deep plain net cannot start.
+    init: str = "kaiming"
 
     def build(self, seed: int) -> flaxres.ResNet:
         n = flaxres.registry.cifar_blocks_per_stage(self.depth)
-        return flaxres.ResNet(flaxres.BasicBlock, (n, n, n), self.widths, stem="cifar",
-                              stem_width=self.widths[0], shortcut="A" if self.residual else None,
-                              norm=self.norm, rngs=nnx.Rngs(seed))
+        model = flaxres.ResNet(flaxres.BasicBlock, (n, n, n), self.widths, stem="cifar",
+                               stem_width=self.widths[0],
+                               shortcut="A" if self.residual else None, norm=self.norm,
+                               rngs=nnx.Rngs(seed))
+        if self.init == "torch_default":
+            torch_default_conv_init(model, seed)
+        elif self.init != "kaiming":
+            raise ValueError(f"unknown init {self.init!r}: 'kaiming' or 'torch_default'")
+        return model
+
+
+def torch_default_conv_init(model: nnx.Module, seed: int) -> None:
+    """Redraws every conv kernel as ``nn.Conv2d.reset_parameters`` does:
+    ``kaiming_uniform_(a=sqrt(5))`` = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance
+    1/(3 fan_in), a sixth of what keeps a ReLU net's signal. (Biases and ``fc`` already follow
+    PyTorch's defaults in flaxres.)"""
+    key = jax.random.PRNGKey(seed)
+    for i, (_, conv) in enumerate(m for m in model.iter_modules() if isinstance(m[1], nnx.Conv)):
+        shape = conv.kernel.shape
+        bound = 1.0 / math.sqrt(math.prod(shape[:-1]))  # HWIO: fan_in = kh * kw * cin
+        conv.kernel[...] = jax.random.uniform(jax.random.fold_in(key, i), shape,
+                                              conv.kernel.dtype, -bound, bound)
 
 
 @dataclass(frozen=True)
@@ -69,35 +91,36 @@ class Study:
     seed: int = 0
 
 
-def _nobn(label: str, depth: int, residual: bool, epochs: int, **kw) -> Net:
-    # The 2015 setting: no BatchNorm, no weight decay, constant learning rate.
-    return Net(label, depth, residual, norm=False, epochs=epochs, weight_decay=0.0,
-               step_decay=False, **kw)
+def _nobn(label: str, depth: int, residual: bool, epochs: int, init: str = "torch_default",
+          lr: float = 0.05) -> Net:
+    # The tutorials' setting: no BatchNorm, no weight decay, a constant learning rate and
+    # PyTorch's default conv init.
+    return Net(label, depth, residual, norm=False, epochs=epochs, lr=lr, weight_decay=0.0,
+               step_decay=False, init=init)
 
 
-FULL = Study(
-    nets=(Net("plain20", 20, False, True), Net("plain56", 56, False, True),
-          Net("resnet20", 20, True, True), Net("resnet56", 56, True, True),
-          _nobn("plain56-noBN", 56, False, 20, lr=0.01),
-          _nobn("resnet56-noBN", 56, True, 20, lr=0.01),
-          _nobn("plain8-noBN", 8, False, 20, lr=0.01)),
-    roles={"bn_plain_shallow": "plain20", "bn_plain_deep": "plain56",
-           "bn_res_shallow": "resnet20", "bn_res_deep": "resnet56",
-           "nobn_plain": "plain56-noBN", "nobn_res": "resnet56-noBN", "baseline": "plain8-noBN"},
-    probe_steps=(0, 100, 1000),
-)
+_ROLES = ("bn_plain_shallow", "bn_plain_deep", "bn_res_shallow", "bn_res_deep", "nobn_plain",
+          "nobn_res", "baseline")
 
-QUICK = Study(
-    nets=(Net("plain8", 8, False, True, epochs=4), Net("plain20", 20, False, True, epochs=4),
-          Net("resnet8", 8, True, True, epochs=4), Net("resnet20", 20, True, True, epochs=4),
-          _nobn("plain20-noBN", 20, False, 4, lr=0.01),
-          _nobn("resnet20-noBN", 20, True, 4, lr=0.01),
-          _nobn("plain8-noBN", 8, False, 4, lr=0.01)),
-    roles={"bn_plain_shallow": "plain8", "bn_plain_deep": "plain20",
-           "bn_res_shallow": "resnet8", "bn_res_deep": "resnet20",
-           "nobn_plain": "plain20-noBN", "nobn_res": "resnet20-noBN", "baseline": "plain8-noBN"},
-    train_subset=5000, test_subset=1000, probe_steps=(0, 20),
-)
+
+def _study(shallow: int, deep: int, nobn_depth: int, epochs: int, nobn_epochs: int,
+           **kw) -> Study:
+    nets = (Net(f"plain{shallow}", shallow, False, True, epochs=epochs),
+            Net(f"plain{deep}", deep, False, True, epochs=epochs),
+            Net(f"resnet{shallow}", shallow, True, True, epochs=epochs),
+            Net(f"resnet{deep}", deep, True, True, epochs=epochs),
+            _nobn(f"plain{nobn_depth}-noBN", nobn_depth, False, nobn_epochs),
+            _nobn(f"resnet{nobn_depth}-noBN", nobn_depth, True, nobn_epochs),
+            # A shallow plain net in the same no-BN setting, with He et al.'s init.
+            _nobn("plain8-noBN-he", 8, False, nobn_epochs, init="kaiming"))
+    return Study(nets=nets, roles=dict(zip(_ROLES, (n.label for n in nets))), **kw)
+
+
+# The paper's 64k iterations of batch 128 on 50k images (~164 epochs); a GPU run.
+FULL = _study(20, 56, 56, epochs=164, nobn_epochs=20, probe_steps=(0, 100, 1000))
+# Sized for a 2-core CPU: 2048 images, 5 epochs, depths 8/20 for 20/56.
+QUICK = _study(8, 20, 20, epochs=5, nobn_epochs=5, train_subset=2048, test_subset=1000,
+               probe_steps=(0, 20))
 
 
 def take_subset(images: np.ndarray, labels: np.ndarray, n: int | None
@@ -193,13 +216,13 @@ def train_net(net: Net, study: Study, arrays: data.Arrays, log=print) -> dict:
 
 def run(study: Study, arrays: data.Arrays, workdir: Path, title: str, log=print) -> dict:
     """Trains the whole comparison set and writes ``summary.json``, ``report.md`` and plots."""
-    workdir.mkdir(parents=True, exist_ok=True)
     tr_x, tr_y = take_subset(arrays.train_images, arrays.train_labels, study.train_subset)
     te_x, te_y = take_subset(arrays.test_images, arrays.test_labels, study.test_subset)
     if len(tr_y) < study.batch_size:
         raise ValueError(f"{len(tr_y)} training images are fewer than one batch of "
                          f"{study.batch_size}")
     arrays = data.Arrays(tr_x, tr_y, te_x, te_y, arrays.classes)
+    workdir.mkdir(parents=True, exist_ok=True)
     log(f"{title}: {len(tr_y)} train / {len(te_y)} test images, "
         f"{len(study.nets)} nets on {jax.devices()[0].platform}")
     t0 = time.perf_counter()
@@ -224,7 +247,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.degradation", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="CPU-sized run: 5000 train / 1000 test images, 4 epochs, depths 8 and "
+                   help="CPU-sized run: 2048 train / 1000 test images, 5 epochs, depths 8 and "
                         "20 instead of 20 and 56 (default: the paper's setting, for a GPU)")
     p.add_argument("--workdir", required=True, help="output folder: summary.json, report.md, "
                                                     "*.png")
