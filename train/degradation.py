@@ -70,7 +70,8 @@ def torch_default_conv_init(model: nnx.Module, seed: int) -> None:
     1/(3 fan_in), a sixth of what keeps a ReLU net's signal. (Biases and ``fc`` already follow
     PyTorch's defaults in flaxres.)"""
     key = jax.random.PRNGKey(seed)
-    for i, (_, conv) in enumerate(m for m in model.iter_modules() if isinstance(m[1], nnx.Conv)):
+    convs = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv)]
+    for i, conv in enumerate(convs):
         shape = conv.kernel.shape
         bound = 1.0 / math.sqrt(math.prod(shape[:-1]))  # HWIO: fan_in = kh * kw * cin
         conv.kernel[...] = jax.random.uniform(jax.random.fold_in(key, i), shape,

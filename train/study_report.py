@@ -103,26 +103,28 @@ def markdown(summary: dict, plot_dir: str = ".") -> str:
     """The report: settings, per-net table, claims with verdicts, plots."""
     s = summary["study"]
     lines = [f"# Degradation and gradient flow ({summary['title']})", "",
-             f"{summary['n_train']} training / {summary['n_test']} test images, batch "
-             f"{s['batch_size']}, augmentation {'on' if s['augment'] else 'off'}, seed "
-             f"{s['seed']}, same data order for every net; {summary['platform']}, "
-             f"{summary['seconds']:.0f} s in all.", "",
-             "| net | BN | epochs | lr | wd | train err | test err | test loss | top-class "
-             "share (init → end) | logit spread (init → end) | grad ratio at init |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             (f"{summary['n_train']} training / {summary['n_test']} test images, batch "
+              f"{s['batch_size']}, augmentation {'on' if s['augment'] else 'off'}, seed "
+              f"{s['seed']}, same data order for every net; {summary['platform']}."), "",
+             ("| net | BN | init | epochs | lr | wd | train err | test err | test loss | "
+              "top-class share (init → end) | logit spread (init → end) | grad ratio at init |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, n in summary["nets"].items():
         cfg = n["net"]
         status = " (diverged)" if n["diverged"] else ""
         lines.append(
-            f"| {label}{status} | {'yes' if cfg['norm'] else 'no'} | {cfg['epochs']} | "
+            f"| {label}{status} | {'yes' if cfg['norm'] else 'no'} | {cfg['init']} | "
+            f"{cfg['epochs']} | "
             f"{cfg['lr']}{' step' if cfg['step_decay'] else ''} | {cfg['weight_decay']} | "
             f"{_final(n, 'train_error'):.2%} | {n['end']['error']:.2%} | {n['end']['loss']:.4f} | "
             f"{n['start']['top_class_share']:.0%} → {n['end']['top_class_share']:.0%} | "
             f"{n['start']['logit_spread']:.2g} → {n['end']['logit_spread']:.2g} | "
             f"{_init_ratio(n):.3g} |")
-    lines += ["", "Train error is the running error over the last epoch (as in He et al.'s "
-              "curves); grad ratio is |grad| of the first conv over that of the last conv "
-              "before fc, from the first training step.", "", "## Claims", ""]
+    lines += ["", ("Train error is the running error over the last epoch (as in He et al.'s "
+                   "curves); test numbers are on the test images at the end; logit spread is "
+                   "the std of the logits over the test images (0 = the output ignores the "
+                   "image); grad ratio is |grad| of the first conv over that of the last conv "
+                   "before fc, from the first training step."), "", "## Claims", ""]
     for c in summary["claims"]:
         lines.append(f"- **{'held' if c['held'] else 'did not hold'}**: {c['claim']}: "
                      f"{c['numbers']}.")
