@@ -16,7 +16,8 @@ LOSS_TOL = 0.02
 CHANCE_ERROR = 0.88
 ONE_CLASS_SHARE = 0.99
 STATIC_SPREAD = 0.01
-LEARNS_MARGIN = 0.2  # "trains" = test error at least 20 points below the failing net's
+LEARNS_MARGIN = 0.1  # "trains" = test accuracy 10 points above the failing net: ~10 sigma of
+# chance-level noise on 1000 test images, and what 5 quick epochs on 2048 images can reach
 
 PLOTS = ("training_curves.png", "grad_norm.png", "act_std.png", "predictions.png")
 
