@@ -258,8 +258,10 @@ class ResNet(nnx.Module):
             raise ValueError(f"input spatial size {x.shape[1:3]} is too small: this net "
                              f"downsamples by {min_hw}; use at least {min_hw}x{min_hw}")
 
-    def features(self, x: jax.Array) -> list[jax.Array]:
-        """Stem output and each stage's output, for per-stage parity checks."""
+    def features(self, x: jax.Array, every_block: bool = False) -> list[jax.Array]:
+        """Stem output and each stage's output, for per-stage parity checks; with
+        ``every_block`` each block's output instead of each stage's, so a study can follow the
+        activations through the depth of the net (``train.probe``)."""
         self.check_input(x)
         x = nnx.relu(_maybe(self.bn1, self.conv1(x.astype(self.dtype))))
         if self.stem == "imagenet":
@@ -268,7 +270,10 @@ class ResNet(nnx.Module):
         for stage in self.stages():
             for blk in stage:
                 x = blk(x)
-            outs.append(x)
+                if every_block:
+                    outs.append(x)
+            if not every_block:
+                outs.append(x)
         return outs
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -58,9 +58,17 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState,
                metrics: dict[str, jax.Array], perm: jax.Array, images: jax.Array,
                labels: jax.Array, index: jax.Array, *, batch_size: int, mean: Sequence[float],
-               std: Sequence[float], augment: bool, batch_sharding: NamedSharding
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step on batch ``index`` of the epoch order ``perm`` (mean cross-entropy)."""
+               std: Sequence[float], augment: bool, batch_sharding: NamedSharding,
+               probe: bool = False) -> tuple:
+    """One SGD step on batch ``index`` of the epoch order ``perm`` (mean cross-entropy).
+
+    Returns ``(state, metrics)``; with ``probe`` (static) also a third item, the measurements of
+    the degradation study (``train.degradation``) taken from this very step, so they cost no
+    second forward or backward pass: ``grad_norm`` (the L2 norm of each weight kernel's gradient,
+    keyed by its dotted module path, e.g. ``layer2.0.conv1``), ``act_std`` (the std of the stem's
+    and every block's output, in depth order) and ``logit_std`` (the logits' spread over the
+    batch, mean over classes: near 0 when the net ignores its input).
+    """
     idx = jax.lax.dynamic_slice_in_dim(perm, index * batch_size, batch_size)
     x = jax.lax.with_sharding_constraint(images[idx], batch_sharding)
     y = jax.lax.with_sharding_constraint(labels[idx], batch_sharding)
@@ -71,10 +79,17 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: 
     def loss_fn(params):
         # copy=True: fresh Variables at the grad trace level, so BatchNorm may update its stats.
         model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
-        logits = model(x)
-        return cross_entropy(logits, y).mean(), (logits, nnx.state(model, nnx.BatchStat))
+        if probe:  # the same forward as model(x), keeping every block's output
+            feats = model.features(x, every_block=True)
+            logits = model.fc(feats[-1].mean(axis=(1, 2)))
+            act_std = jnp.stack([f.astype(jnp.float32).std() for f in feats])
+        else:
+            logits, act_std = model(x), None
+        stats = nnx.state(model, nnx.BatchStat)
+        return cross_entropy(logits, y).mean(), (logits, stats, act_std)
 
-    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, stats, act_std)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = TrainState(optax.apply_updates(state.params, updates), stats, opt_state,
                      state.step + 1, state.key)
@@ -84,7 +99,12 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: 
         "count": metrics["count"] + batch_size,
         "nonfinite": metrics["nonfinite"] + ~jnp.isfinite(loss),
     }
-    return new, metrics
+    if not probe:
+        return new, metrics
+    grad_norm = {".".join(map(str, path[:-1])): jnp.linalg.norm(g[...].astype(jnp.float32))
+                 for path, g in nnx.to_flat_state(grads) if path[-1] == "kernel"}
+    logit_std = logits.astype(jnp.float32).std(axis=0).mean()
+    return new, metrics, {"grad_norm": grad_norm, "act_std": act_std, "logit_std": logit_std}
 
 
 def eval_step(graphdef: nnx.GraphDef, state: TrainState, metrics: dict[str, jax.Array],
@@ -109,11 +129,17 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, metrics: dict[str, jax.
     }
 
 
+def predict_logits(graphdef: nnx.GraphDef, state: TrainState, images: jax.Array, *,
+                   mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    """Logits of a uint8 batch (eval mode)."""
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    return model(data.normalize(images, mean, std))
+
+
 def predict_probs(graphdef: nnx.GraphDef, state: TrainState, images: jax.Array, *,
                   mean: Sequence[float], std: Sequence[float]) -> jax.Array:
     """Class probabilities of a uint8 batch (eval mode)."""
-    model = nnx.merge(graphdef, state.params, state.batch_stats)
-    return jax.nn.softmax(model(data.normalize(images, mean, std)))
+    return jax.nn.softmax(predict_logits(graphdef, state, images, mean=mean, std=std))
 
 
 def make_mesh() -> Mesh:
@@ -131,7 +157,8 @@ def jit_train_step(mesh: Mesh, graphdef: nnx.GraphDef, tx: optax.GradientTransfo
     rep = replicated(mesh)
     fn = functools.partial(train_step, graphdef, tx, batch_sharding=NamedSharding(mesh, P("data")),
                            **static)
-    return jax.jit(fn, donate_argnums=(0, 1), out_shardings=(rep, rep))
+    outs = (rep, rep, rep) if static.get("probe") else (rep, rep)
+    return jax.jit(fn, donate_argnums=(0, 1), out_shardings=outs)
 
 
 def jit_eval_step(mesh: Mesh, graphdef: nnx.GraphDef, **static) -> Callable:
