@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from train import cifar, synthetic
+from train import cifar, inference, synthetic
 from train.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_divergence_stops_clearly_and_keeps_last_good_checkpoint(env, reference,
 
 def test_eval_only_reproduces_the_best_checkpoints_accuracy(env, reference, capsys):
     wd = reference[0]
-    res = cifar.evaluate_checkpoint(cifar.parse_args(["--eval-only", "--checkpoint", str(wd)]))
+    res = inference.evaluate_checkpoint(cifar.parse_args(["--eval-only", "--checkpoint", str(wd)]))
     best = max(history(wd), key=lambda h: h["test_acc"])
     assert res["test_acc"] == pytest.approx(best["test_acc"], abs=1e-6)
     assert res["test_loss"] == pytest.approx(best["test_loss"], rel=1e-5)
@@ -189,7 +189,7 @@ def test_predict_prints_top_k_with_probabilities(env, reference, tmp_path, capsy
     for i in range(3):
         paths.append(tmp_path / f"img{i}.png")
         Image.fromarray(np.kron(xte[i], np.ones((2, 2, 1), np.uint8))).save(paths[-1])  # 64x64
-    top = cifar.predict(cifar.parse_args(["--predict", *map(str, paths), "--top-k", "3",
+    top = inference.predict(cifar.parse_args(["--predict", *map(str, paths), "--top-k", "3",
                                           "--checkpoint", str(reference[0] / "checkpoints")]))
     out = capsys.readouterr().out
     assert len(top) == 3 and all(len(t) == 3 for t in top)
@@ -217,16 +217,16 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(env, reference, capsys):
 _PER_STEP = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from train import cifar, data, steps, synthetic
+from train import data, loop, steps, synthetic
 from train.config import Config
 arrays = data.Arrays(*synthetic.make_arrays(128, 16, seed=0), data.CIFAR10_CLASSES)
 cfg = Config(arch="resnet8", batch_size=32, lr=0.02)
-run = cifar._setup(cfg, arrays, 4)
+run = loop.setup(cfg, arrays, 4)
 perm = jnp.arange(128)
 flat = lambda s: np.concatenate([np.ravel(x) for x in jax.tree.leaves(s)]).tolist()
 losses = []
 for i in range(8):
-    m = jax.device_put(steps.zero_metrics(), run.rep)
+    m = jax.device_put(steps.zero_metrics(), run.replicated)
     run.state, m = run.train_step(run.state, m, perm, run.train_x, run.train_y, jnp.int32(i % 4))
     losses.append(float(m["loss_sum"] / m["count"]))
     if i == 0:  # after one step: parameters and BatchNorm running statistics
