@@ -21,7 +21,7 @@ import typing
 
 import jax
 
-from train import checkpoint, data, inference, loop
+from train import checkpoint, data, inference, loop, parallel
 from train.config import Config
 
 # This module only parses flags and dispatches: the loop is train.loop, --eval-only and
@@ -61,7 +61,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def enable_compilation_cache() -> None:
     """Caches XLA executables on disk (default ~/.cache/flaxres/jax): on a small CPU each of the
     ~30 compiles of model init, train and eval steps takes about a second, so reruns and
-    resumes start much faster. ``JAX_COMPILATION_CACHE_DIR`` / ``JAX_PERSISTENT_CACHE_*`` win."""
+    resumes start much faster. ``JAX_COMPILATION_CACHE_DIR`` / ``JAX_PERSISTENT_CACHE_*`` win.
+
+    Not in a multi-process run: with jax 0.10.2 an executable with cross-process (Gloo)
+    collectives loaded from the cache deadlocks in its first collective (each process with its
+    own cache folder too), so every process compiles afresh.
+    """
+    if jax.process_count() > 1:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(data.default_cache_dir() / "jax"))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
@@ -71,7 +79,8 @@ def enable_compilation_cache() -> None:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     if cfg.distributed:
-        jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
+        parallel.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id,
+                            cfg.peer_timeout)
     enable_compilation_cache()
     try:
         if cfg.predict:
@@ -83,6 +92,14 @@ def main(argv: list[str] | None = None) -> None:
     except (data.DataError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        print(parallel.lost_peer_message(e), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Not SystemExit: jax.distributed's exit-time shutdown barrier would wait for the dead
+        # peer (up to --peer-timeout) and then abort with a C++ stack trace.
+        os._exit(1)
 
 
 if __name__ == "__main__":

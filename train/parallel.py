@@ -41,3 +41,23 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def is_main_process() -> bool:
     """Process 0 alone writes logs, plots and the progress bar."""
     return jax.process_index() == 0
+
+
+def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None,
+               peer_timeout: int) -> None:
+    """``jax.distributed.initialize`` (arguments ``None`` are auto-detected on SLURM, Open MPI,
+    Cloud TPU and Kubernetes JobSets), with ``peer_timeout`` seconds as both the heartbeat
+    timeout (a silent peer is declared dead) and the shutdown barrier's timeout (a process
+    exiting does not wait longer than that for the others)."""
+    jax.distributed.initialize(coordinator, num_processes, process_id,
+                               heartbeat_timeout_seconds=peer_timeout,
+                               shutdown_timeout_seconds=peer_timeout)
+
+
+def lost_peer_message(error: Exception) -> str:
+    """One line for a collective that failed because another process died or hung; XLA's own
+    message repeats "Error dispatching computation: " once per queued step."""
+    cause = str(error).splitlines()[0].replace("Error dispatching computation: ", "")
+    return (f"error: process {jax.process_index()} of {jax.process_count()}: a collective with "
+            f"the other processes failed ({cause[:300]}). Another process probably died or hung: "
+            "see its log, then restart every process with --resume.")
