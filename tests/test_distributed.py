@@ -105,6 +105,7 @@ def one_process(env):
     return wd
 
 
+@pytest.mark.full  # ~2 min on the 2-core machine: three processes compile resnet8 afresh
 def test_two_processes_train_like_one_process_over_the_same_devices(env, one_process):
     wd = env["root"] / "pair"
     out0, out1 = finish(pair(env, wd, "--epochs", "2"))

@@ -8,14 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from train import cifar, inference, synthetic
+from train import cifar, inference, loop, synthetic
 from train.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,42 +106,45 @@ def test_cli_trains_logs_plots_and_checkpoints(reference):
     assert (wd / "checkpoints" / "last" / str(3 * SPE)).is_dir()
 
 
-def _wait_for_epoch_line(p: subprocess.Popen) -> str:
-    """Reads the run's output up to its first epoch summary, which is printed after the
-    epoch's checkpoint, metrics line and plot: the next step starts right after it."""
-    seen = ""
-    while "epoch   1 |" not in seen:
-        line = p.stdout.readline()
-        assert line, seen
-        seen += line
-    return seen
+# Kill and Ctrl-C arrive at a known step through loop.train's on_step hook (a timed signal
+# raced the epoch, which takes under a second).
+_KILL_AT = r"""
+import os, signal, sys
+from train import cifar, loop
+stop = int(sys.argv[1])
+loop.train(cifar.parse_args(sys.argv[2:]),
+           on_step=lambda step: step == stop and os.kill(os.getpid(), signal.SIGKILL))
+"""
 
 
 def test_resume_after_sigkill_mid_epoch_equals_uninterrupted(env, reference):
     wd = env["root"] / "killed"
-    p = cli(env, "--epochs", "3", "--workdir", str(wd))
-    _wait_for_epoch_line(p)
-    time.sleep(0.5)  # into epoch 2
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert len(history(wd)) == 1, "killed too late: epoch 2 had finished"
+    p = subprocess.run([sys.executable, "-c", _KILL_AT, str(SPE + 5), "--data-dir", env["src"],
+                        *COMMON, "--epochs", "3", "--workdir", str(wd)], cwd=ROOT,
+                       env=env["env"], capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    assert len(history(wd)) == 1
     out = finish(cli(env, "--epochs", "3", "--workdir", str(wd), "--resume"))
     assert "resumed from" in out and f"at step {SPE} (epoch 2, 0/{SPE}" in out
     assert history(wd) == history(reference[0])
 
 
-def test_ctrl_c_saves_mid_epoch_and_resume_equals_uninterrupted(env, reference):
+def test_ctrl_c_saves_mid_epoch_and_resume_equals_uninterrupted(env, reference, capsys):
     wd = env["root"] / "interrupted"
-    p = cli(env, "--epochs", "3", "--workdir", str(wd))
-    _wait_for_epoch_line(p)
-    time.sleep(0.5)
-    p.send_signal(signal.SIGINT)
-    out = finish(p, rc=130)
-    assert "interrupted at step" in out and "--resume" in out
-    step = int(out.split("interrupted at step ")[1].split(":")[0])
-    assert SPE < step < 2 * SPE, out  # mid-epoch 2: the partial epoch is in the checkpoint
+    stop = SPE + 5  # mid-epoch 2: the partial epoch is in the checkpoint
+
+    def ctrl_c_at(step: int) -> None:
+        if step == stop:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(SystemExit) as e:
+        loop.train(cifar.parse_args(["--data-dir", env["src"], *COMMON, "--epochs", "3",
+                                     "--workdir", str(wd)]), on_step=ctrl_c_at)
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert f"interrupted at step {stop}:" in err and "--resume" in err
     out = finish(cli(env, "--epochs", "3", "--workdir", str(wd), "--resume"))
-    assert f"at step {step} (epoch 2, {step - SPE}/{SPE}" in out
+    assert f"at step {stop} (epoch 2, {stop - SPE}/{SPE}" in out
     assert history(wd) == history(reference[0])
 
 
