@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from train import checkpoint, loop, synthetic
+from train import checkpoint, cifar, loop, parallel, synthetic
 from train.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +103,23 @@ def one_process(env):
     out = finish([single(env, wd, "--epochs", "2")])[0]
     assert "over 2 cpu device(s) in 1 process(es)" in out
     return wd
+
+
+def test_lost_peer_is_one_line_naming_the_cause_and_the_remedy():
+    xla = RuntimeError("INTERNAL: Error dispatching computation: Error dispatching computation: "
+                       "Gloo AllGather failed: Connection closed by peer\nstack...")
+    msg = parallel.lost_peer_message(xla)
+    assert "\n" not in msg and "dispatching" not in msg
+    assert msg.startswith("error: process 0 of 1: a collective with the other processes failed "
+                          "(INTERNAL: Gloo AllGather failed: Connection closed by peer)")
+    assert "--resume" in msg
+
+
+def test_peer_timeout_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as e:
+        cifar.parse_args(["--peer-timeout", "0"])
+    assert e.value.code == 2
+    assert "--peer-timeout 0: must be a positive number of seconds" in capsys.readouterr().err
 
 
 @pytest.mark.full  # ~2 min on the 2-core machine: three processes compile resnet8 afresh

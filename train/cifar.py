@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("--eval-only and --predict need --checkpoint PATH")
     if len(cfg.mean) != 3 or len(cfg.std) != 3:
         p.error("--mean and --std take three numbers (R G B)")
+    if cfg.peer_timeout <= 0:
+        p.error(f"--peer-timeout {cfg.peer_timeout}: must be a positive number of seconds")
     return cfg
 
 
