@@ -122,6 +122,17 @@ def test_peer_timeout_must_be_positive(capsys):
     assert "--peer-timeout 0: must be a positive number of seconds" in capsys.readouterr().err
 
 
+def test_distributed_without_its_settings_is_a_clear_error(env):
+    out = subprocess.run([sys.executable, "-m", "train.cifar", "--distributed", "--coordinator",
+                          f"127.0.0.1:{free_port()}"], cwd=ROOT, env=env["env"], text=True,
+                         capture_output=True, timeout=120, check=False)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [(
+        "error: --distributed: jax.distributed.initialize failed (Number of processes must be "
+        "defined.); give --coordinator, --num-processes and --process-id unless the cluster is "
+        "auto-detected (docs/distributed.md)")]
+
+
 @pytest.mark.full  # ~2 min on the 2-core machine: three processes compile resnet8 afresh
 def test_two_processes_train_like_one_process_over_the_same_devices(env, one_process):
     wd = env["root"] / "pair"

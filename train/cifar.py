@@ -81,8 +81,15 @@ def enable_compilation_cache() -> None:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     if cfg.distributed:
-        parallel.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id,
-                            cfg.peer_timeout)
+        try:
+            parallel.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id,
+                                cfg.peer_timeout)
+        except (ValueError, RuntimeError) as e:  # missing settings; no coordinator in time
+            print(f"error: --distributed: jax.distributed.initialize failed "
+                  f"({str(e).splitlines()[0]}); give --coordinator, --num-processes and "
+                  "--process-id unless the cluster is auto-detected (docs/distributed.md)",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
     enable_compilation_cache()
     try:
         if cfg.predict:
@@ -93,15 +100,23 @@ def main(argv: list[str] | None = None) -> None:
             loop.train(cfg)
     except (data.DataError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit(2)
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
             raise
-        print(parallel.lost_peer_message(e), file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # Not SystemExit: jax.distributed's exit-time shutdown barrier would wait for the dead
-        # peer (up to --peer-timeout) and then abort with a C++ stack trace.
-        os._exit(1)
+        print(parallel.lost_peer_message(e), file=sys.stderr)
+        _exit(1)
+
+
+def _exit(code: int) -> None:
+    """Exits with ``code``. In a multi-process run, at once: jax.distributed's exit-time
+    shutdown barrier would wait up to --peer-timeout for the processes that are still running
+    (or dead) and then abort with a C++ stack trace; they see this one gone and stop."""
+    if jax.process_count() == 1:
+        raise SystemExit(code) from None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
