@@ -45,7 +45,7 @@ MUTANTS = [
     Mutant("cosine_warmup_total", "train/optim.py",
            "optax.cosine_decay_schedule(base_lr, max(total_steps - warmup_steps, 1))",
            "optax.cosine_decay_schedule(base_lr, total_steps)", OPTIM),
-    Mutant("trainer_no_weight_decay", "train/cifar.py",
+    Mutant("trainer_no_weight_decay", "train/loop.py",
            "optim.sgd(schedule, cfg.momentum, cfg.weight_decay, cfg.nesterov)",
            "optim.sgd(schedule, cfg.momentum, 0.0, cfg.nesterov)", OPTIM + TRAIN),
     Mutant("sgd_decay_after_momentum", "train/optim.py",

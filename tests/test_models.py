@@ -211,12 +211,12 @@ def test_depth_rule_is_one_function_used_by_every_builder():
     for bad, bottleneck in ((2, False), (21, False), (21, True), (-4, False)):
         with pytest.raises(ValueError, match="does not exist"):
             cifar_blocks_per_stage(bad, bottleneck)
-    from train import cifar  # the CLI's unregistered resnetN goes through the same rule
+    from train import cifar, loop  # the CLI's unregistered resnetN goes through the same rule
 
-    resnet8 = cifar.build_model(cifar.parse_args(["--arch", "resnet8"]))
+    resnet8 = loop.build_model(cifar.parse_args(["--arch", "resnet8"]))
     assert flaxres.count_params(resnet8) == 75_290
     with pytest.raises(ValueError, match=r"depth 9 does not exist \(BasicBlock: 6n\+2"):
-        cifar.build_model(cifar.parse_args(["--arch", "resnet9"]))
+        loop.build_model(cifar.parse_args(["--arch", "resnet9"]))
     reference = pytest.importorskip("parity.reference")
     with pytest.raises(ValueError, match=r"depth 21 does not exist"):
         reference.create_torch_model("plain21")

@@ -8,14 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from train import cifar, synthetic
+from train import cifar, inference, loop, synthetic
 from train.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,42 +106,45 @@ def test_cli_trains_logs_plots_and_checkpoints(reference):
     assert (wd / "checkpoints" / "last" / str(3 * SPE)).is_dir()
 
 
-def _wait_for_epoch_line(p: subprocess.Popen) -> str:
-    """Reads the run's output up to its first epoch summary, which is printed after the
-    epoch's checkpoint, metrics line and plot: the next step starts right after it."""
-    seen = ""
-    while "epoch   1 |" not in seen:
-        line = p.stdout.readline()
-        assert line, seen
-        seen += line
-    return seen
+# Kill and Ctrl-C arrive at a known step through loop.train's on_step hook (a timed signal
+# raced the epoch, which takes under a second).
+_KILL_AT = r"""
+import os, signal, sys
+from train import cifar, loop
+stop = int(sys.argv[1])
+loop.train(cifar.parse_args(sys.argv[2:]),
+           on_step=lambda step: step == stop and os.kill(os.getpid(), signal.SIGKILL))
+"""
 
 
 def test_resume_after_sigkill_mid_epoch_equals_uninterrupted(env, reference):
     wd = env["root"] / "killed"
-    p = cli(env, "--epochs", "3", "--workdir", str(wd))
-    _wait_for_epoch_line(p)
-    time.sleep(0.5)  # into epoch 2
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert len(history(wd)) == 1, "killed too late: epoch 2 had finished"
+    p = subprocess.run([sys.executable, "-c", _KILL_AT, str(SPE + 5), "--data-dir", env["src"],
+                        *COMMON, "--epochs", "3", "--workdir", str(wd)], cwd=ROOT,
+                       env=env["env"], capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    assert len(history(wd)) == 1
     out = finish(cli(env, "--epochs", "3", "--workdir", str(wd), "--resume"))
     assert "resumed from" in out and f"at step {SPE} (epoch 2, 0/{SPE}" in out
     assert history(wd) == history(reference[0])
 
 
-def test_ctrl_c_saves_mid_epoch_and_resume_equals_uninterrupted(env, reference):
+def test_ctrl_c_saves_mid_epoch_and_resume_equals_uninterrupted(env, reference, capsys):
     wd = env["root"] / "interrupted"
-    p = cli(env, "--epochs", "3", "--workdir", str(wd))
-    _wait_for_epoch_line(p)
-    time.sleep(0.5)
-    p.send_signal(signal.SIGINT)
-    out = finish(p, rc=130)
-    assert "interrupted at step" in out and "--resume" in out
-    step = int(out.split("interrupted at step ")[1].split(":")[0])
-    assert SPE < step < 2 * SPE, out  # mid-epoch 2: the partial epoch is in the checkpoint
+    stop = SPE + 5  # mid-epoch 2: the partial epoch is in the checkpoint
+
+    def ctrl_c_at(step: int) -> None:
+        if step == stop:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(SystemExit) as e:
+        loop.train(cifar.parse_args(["--data-dir", env["src"], *COMMON, "--epochs", "3",
+                                     "--workdir", str(wd)]), on_step=ctrl_c_at)
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert f"interrupted at step {stop}:" in err and "--resume" in err
     out = finish(cli(env, "--epochs", "3", "--workdir", str(wd), "--resume"))
-    assert f"at step {step} (epoch 2, {step - SPE}/{SPE}" in out
+    assert f"at step {stop} (epoch 2, {stop - SPE}/{SPE}" in out
     assert history(wd) == history(reference[0])
 
 
@@ -174,7 +176,7 @@ def test_divergence_stops_clearly_and_keeps_last_good_checkpoint(env, reference,
 
 def test_eval_only_reproduces_the_best_checkpoints_accuracy(env, reference, capsys):
     wd = reference[0]
-    res = cifar.evaluate_checkpoint(cifar.parse_args(["--eval-only", "--checkpoint", str(wd)]))
+    res = inference.evaluate_checkpoint(cifar.parse_args(["--eval-only", "--checkpoint", str(wd)]))
     best = max(history(wd), key=lambda h: h["test_acc"])
     assert res["test_acc"] == pytest.approx(best["test_acc"], abs=1e-6)
     assert res["test_loss"] == pytest.approx(best["test_loss"], rel=1e-5)
@@ -189,7 +191,7 @@ def test_predict_prints_top_k_with_probabilities(env, reference, tmp_path, capsy
     for i in range(3):
         paths.append(tmp_path / f"img{i}.png")
         Image.fromarray(np.kron(xte[i], np.ones((2, 2, 1), np.uint8))).save(paths[-1])  # 64x64
-    top = cifar.predict(cifar.parse_args(["--predict", *map(str, paths), "--top-k", "3",
+    top = inference.predict(cifar.parse_args(["--predict", *map(str, paths), "--top-k", "3",
                                           "--checkpoint", str(reference[0] / "checkpoints")]))
     out = capsys.readouterr().out
     assert len(top) == 3 and all(len(t) == 3 for t in top)
@@ -217,16 +219,16 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(env, reference, capsys):
 _PER_STEP = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from train import cifar, data, steps, synthetic
+from train import data, loop, steps, synthetic
 from train.config import Config
 arrays = data.Arrays(*synthetic.make_arrays(128, 16, seed=0), data.CIFAR10_CLASSES)
 cfg = Config(arch="resnet8", batch_size=32, lr=0.02)
-run = cifar._setup(cfg, arrays, 4)
+run = loop.setup(cfg, arrays, 4)
 perm = jnp.arange(128)
 flat = lambda s: np.concatenate([np.ravel(x) for x in jax.tree.leaves(s)]).tolist()
 losses = []
 for i in range(8):
-    m = jax.device_put(steps.zero_metrics(), run.rep)
+    m = jax.device_put(steps.zero_metrics(), run.replicated)
     run.state, m = run.train_step(run.state, m, perm, run.train_x, run.train_y, jnp.int32(i % 4))
     losses.append(float(m["loss_sum"] / m["count"]))
     if i == 0:  # after one step: parameters and BatchNorm running statistics

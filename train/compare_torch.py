@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train import cifar
+from train import cifar, loop
 from train.config import Config
 
 
@@ -50,7 +50,7 @@ def train_torch(cfg: Config, threads: int | None = None) -> dict:
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    arrays, _, _ = cifar.load_data(cfg)
+    arrays, _, _ = loop.load_data(cfg)
     xtr, ytr = torch.from_numpy(arrays.train_images), torch.from_numpy(arrays.train_labels).long()
     xte, yte = torch.from_numpy(arrays.test_images), torch.from_numpy(arrays.test_labels).long()
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
@@ -101,7 +101,7 @@ def train_flax(cfg: Config) -> dict:
     with tempfile.TemporaryDirectory() as wd:
         cfg.workdir = wd
         t0 = time.perf_counter()
-        res = cifar.train(cfg)
+        res = loop.train(cfg)
     res["train_time"] = time.perf_counter() - t0
     return res
 

@@ -85,6 +85,8 @@ class Config:
                                  "$JAX_COORDINATOR_ADDRESS)")
     num_processes: int | None = _f(None, "with --distributed: number of processes")
     process_id: int | None = _f(None, "with --distributed: this process's index")
+    peer_timeout: int = _f(60, "with --distributed: seconds after which a silent process is "
+                           "declared dead and the others stop with an error")
 
     @property
     def num_classes(self) -> int:
