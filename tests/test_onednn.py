@@ -189,24 +189,24 @@ def test_cpu_ops_rejects_unknown_backend():
 
 def test_cli_flags_select_the_backend():
     from parity.speed import cli
-    from train import cifar
+    from train import cifar, loop
 
     args = cli.parse_args(["--cpu-conv", "xla", "--no-fast-ops"])
     assert cli._cpu_ops(args) == ops.CpuOps(wgrad_gemm=False, bn_backward=False, conv="xla")
     cfg = cifar.parse_args(["--arch", "resnet8"])
-    assert cfg.cpu_conv == "xla" and cifar.build_model(cfg).conv1.conv_general_dilated.cpu == ops.CpuOps()
+    assert cfg.cpu_conv == "xla" and loop.build_model(cfg).conv1.conv_general_dilated.cpu == ops.CpuOps()
 
 
 @needs_extension
 def test_cli_flags_select_onednn():
     from parity.speed import cli
-    from train import cifar
+    from train import cifar, loop
 
     args = cli.parse_args(["--cpu-conv", "onednn"])
     assert cli._cpu_ops(args) == ONEDNN
     assert cli._cpu_conv("onednn") == f"onednn {onednn.version()}"
     cfg = cifar.parse_args(["--arch", "resnet8", "--cpu-conv", "onednn"])
-    assert cifar.build_model(cfg).conv1.conv_general_dilated.cpu == ONEDNN
+    assert loop.build_model(cfg).conv1.conv_general_dilated.cpu == ONEDNN
 
 
 @pytest.mark.parametrize("prog", ["parity.speed", "train.cifar"])
@@ -214,7 +214,7 @@ def test_cli_onednn_without_extension_is_a_clear_error(prog, monkeypatch, capsys
     """--cpu-conv onednn where the extension is missing: exit 2, one line naming the flag and
     the cause (an A/B measurement must not silently time XLA)."""
     from parity.speed import cli
-    from train import cifar
+    from train import cifar, loop
 
     monkeypatch.setattr(onednn, "_load_once", lambda: "simulated: extension not built")
     parse = cli.parse_args if prog == "parity.speed" else cifar.parse_args
