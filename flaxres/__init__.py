@@ -1,5 +1,6 @@
 """flaxres: the ResNet family in JAX/Flax NNX, numerically equal to the PyTorch references."""
 
+from flaxres.convert import WeightsError
 from flaxres.models import BasicBlock, BatchNorm, Bottleneck, PadShortcut, ResNet
 from flaxres.ops import CpuOps
 from flaxres.registry import (
@@ -16,4 +17,5 @@ from flaxres.registry import (
 __all__ = [
     "BasicBlock", "BatchNorm", "Bottleneck", "CpuOps", "PadShortcut", "ResNet", "cifar_resnet",
     "count_params", "create_model", "imagenet_resnet", "list_models", "model_stem", "register", "resnext",
+    "WeightsError",
 ]

@@ -243,6 +243,23 @@ def from_torch(model: nnx.Module | str, source: Any, *, strict: bool = True) -> 
     return load_named(model, sd, strict=strict, layout=layout)
 
 
+def from_nnx_arrays(model: nnx.Module, flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Arrays saved under dotted nnx paths (an Orbax checkpoint of ``nnx.state``) as a state dict
+    under flaxres' PyTorch names and layouts, so that :func:`load_named` checks them like any
+    other file; paths that ``model`` lacks keep their nnx names and show up as unexpected."""
+    by_path = {".".join(map(str, e.path)): e for e in _entries(model)}
+    out = {}
+    for path, a in flat.items():
+        e = by_path.get(path)
+        if e is None:
+            out[path] = a
+        elif e.layout and a.ndim != len(_TO_TORCH[e.layout]):
+            out[e.key] = a  # mis-shaped: reported with its saved shape
+        else:
+            out[e.key] = a.transpose(_TO_TORCH[e.layout]) if e.layout else a
+    return out
+
+
 def load_named(model: nnx.Module, sd: Mapping[str, np.ndarray], *, strict: bool = True,
                layout: str = "torchvision", fresh_head: bool = False,
                arch: str | None = None) -> nnx.Module:

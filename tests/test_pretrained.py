@@ -1,0 +1,368 @@
+"""Weights people already have: akamaster / kuangliu / torchvision checkpoints as those repositories
+save them, safetensors, Orbax directories and URLs through ``create_model(pretrained=...)``, and
+one clear error for every kind of bad input, with nothing left half-written in the cache."""
+
+import functools
+import hashlib
+import http.server
+import logging
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import flaxres
+from flaxres.convert import ConversionError, WeightsError, from_torch
+from parity.reference import create_torch_model
+
+# ----------------------------------------------------------------------------- the repositories' nets
+# Module names exactly as in akamaster/pytorch_resnet_cifar10 (resnet.py) and
+# kuangliu/pytorch-cifar (models/resnet.py), so their state dicts have those files' keys.
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class AkaBlock(nn.Module):
+    def __init__(self, cin, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != planes:  # option A
+            self.shortcut = _Lambda(lambda x: F.pad(x[:, :, ::2, ::2],
+                                                    (0, 0, 0, 0, planes // 4, planes // 4)))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class AkaResNet(nn.Module):
+    def __init__(self, n=3, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        cin = 16
+        for i, planes in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                blocks.append(AkaBlock(cin, planes, 2 if i and not j else 1))
+                cin = planes
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.linear(F.avg_pool2d(out, out.size()[3]).flatten(1))
+
+
+class KuangBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class KuangResNet(nn.Module):
+    def __init__(self, layers=(2, 2, 2, 2), num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for i, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
+            blocks = []
+            for stride in [1 if i == 0 else 2] + [1] * (n - 1):
+                blocks.append(KuangBlock(cin, planes, stride))
+                cin = planes
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(F.avg_pool2d(out, 4).flatten(1))
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so a mix-up of any of them shows."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            for t in (m.weight.data, m.bias.data, m.running_mean):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+@functools.cache
+def akamaster() -> AkaResNet:
+    torch.manual_seed(0)
+    return _randomise_bn(AkaResNet())
+
+
+@functools.cache
+def kuangliu() -> KuangResNet:
+    torch.manual_seed(0)
+    return _randomise_bn(KuangResNet(num_classes=100))
+
+
+def _dp(sd: dict) -> dict:
+    """The keys of a model saved while wrapped in nn.DataParallel."""
+    return {"module." + k: v for k, v in sd.items()}
+
+
+def _assert_same_logits(model, ref: nn.Module, size: int = 32) -> None:
+    x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
+    model.eval()
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(np.asarray(model(x)), want, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- layouts as saved
+
+
+def test_akamaster_checkpoint_as_published(tmp_path):
+    """{'state_dict': DataParallel keys, 'best_prec1': ...}, linear head, option-A shortcuts."""
+    path = tmp_path / "resnet20-12fca82f.th"
+    torch.save({"state_dict": _dp(akamaster().state_dict()), "best_prec1": 91.73}, path)
+    model = from_torch("resnet20", path)
+    assert model.fc.kernel.shape == (64, 10)
+    _assert_same_logits(model, akamaster())
+
+
+def test_kuangliu_checkpoint_as_saved(tmp_path):
+    """{'net': DataParallel keys, 'acc', 'epoch'}, shortcut.0/.1 projections, linear head;
+    num_classes (100) comes from that head."""
+    path = tmp_path / "ckpt.pth"
+    torch.save({"net": _dp(kuangliu().state_dict()), "acc": 95.2, "epoch": 199}, path)
+    model = flaxres.create_model("resnet18_cifar", pretrained=path)
+    assert model.fc.kernel.shape == (512, 100)
+    _assert_same_logits(model, kuangliu())
+
+
+def test_torchvision_layout_with_compile_and_dataparallel_prefixes(tmp_path):
+    torch.manual_seed(0)
+    ref = _randomise_bn(create_torch_model("resnet20"))
+    path = tmp_path / "r20.pt"
+    torch.save({"model": _dp({"_orig_mod." + k: v for k, v in ref.state_dict().items()}),
+                "optimizer": {"lr": 0.1}, "epoch": 3}, path)
+    _assert_same_logits(flaxres.create_model("resnet20", pretrained=path), ref)
+
+
+def test_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file(akamaster().state_dict(), path)
+    _assert_same_logits(flaxres.create_model("resnet20", pretrained=path), akamaster())
+
+
+def test_mixed_layouts_and_wrappers_are_ambiguous():
+    sd = dict(akamaster().state_dict())
+    sd["fc.weight"] = sd["linear.weight"]
+    with pytest.raises(WeightsError, match="ambiguous state dict: it mixes layouts "
+                                           r"\(heads: fc, linear"):
+        from_torch("resnet20", sd)
+    with pytest.raises(WeightsError, match="ambiguous checkpoint: state dicts under 'state_dict', 'net'"):
+        from_torch("resnet20", {"state_dict": akamaster().state_dict(),
+                                "net": akamaster().state_dict()})
+
+
+def test_partial_match_lists_every_problem():
+    sd = _dp(kuangliu().state_dict())
+    del sd["module.layer2.0.shortcut.1.running_var"]
+    sd["module.layer9.0.conv1.weight"] = torch.zeros(1)
+    with pytest.raises(ConversionError) as e:
+        from_torch("resnet18_cifar", {"net": sd})
+    msg = str(e.value)
+    assert "kuangliu layout" in msg and "does not fit resnet18_cifar" in msg
+    assert "1 missing: layer2.0.downsample.1.running_var" in msg
+    assert "1 unexpected: layer9.0.conv1.weight" in msg
+
+
+# ----------------------------------------------------------------------------- create_model sources
+
+
+def test_other_num_classes_gives_a_fresh_head_and_says_so(tmp_path, caplog):
+    path = tmp_path / "aka.th"
+    torch.save({"state_dict": akamaster().state_dict()}, path)
+    with caplog.at_level(logging.WARNING, logger="flaxres"):
+        model = flaxres.create_model("resnet20", pretrained=path, num_classes=100, seed=3)
+    assert "fresh 100-class head" in caplog.text and "10 classes" in caplog.text
+    fresh = flaxres.create_model("resnet20", num_classes=100, seed=3)
+    np.testing.assert_array_equal(model.fc.kernel[...], fresh.fc.kernel[...])
+    np.testing.assert_array_equal(np.asarray(model.conv1.kernel[...]).transpose(3, 2, 0, 1),
+                                  akamaster().conv1.weight.detach().numpy())
+
+
+def _train_cifar_checkpoint(root: Path, arch: str = "resnet20") -> Path:
+    """A ``<workdir>/checkpoints/best/<step>`` exactly as train.cifar writes it."""
+    from train import checkpoint, optim, steps
+
+    model = from_torch(arch, akamaster().state_dict())
+    _, _, state = steps.init_state(model, optim.sgd(0.1), 0)
+    checkpoint.save(root / "checkpoints" / "best", 7, {"state": state,
+                                                       "metrics": steps.zero_metrics()},
+                    {"epoch": 1, "config": {"arch": arch}})
+    return root
+
+
+def test_orbax_workdir_of_train_cifar(tmp_path):
+    wd = _train_cifar_checkpoint(tmp_path / "run")
+    for src in (wd, wd / "checkpoints" / "best", wd / "checkpoints" / "best" / "7"):
+        _assert_same_logits(flaxres.create_model("resnet20", pretrained=src), akamaster())
+    with pytest.raises(WeightsError, match="holds a resnet20, not a resnet32"):
+        flaxres.create_model("resnet32", pretrained=wd)
+
+
+def test_orbax_directory_of_the_convert_cli(tmp_path):
+    from flaxres.convert import main
+
+    src = tmp_path / "aka.th"
+    torch.save({"state_dict": _dp(akamaster().state_dict()), "best_prec1": 90.0}, src)
+    main(["--arch", "resnet20", str(src), str(tmp_path / "orbax")])
+    _assert_same_logits(flaxres.create_model("resnet20", pretrained=tmp_path / "orbax"),
+                        akamaster())
+    with pytest.raises(ConversionError, match="does not fit resnet18_cifar"):
+        flaxres.create_model("resnet18_cifar", pretrained=tmp_path / "orbax")
+
+
+# ----------------------------------------------------------------------------- URLs
+
+
+class _Server:
+    """A file server on 127.0.0.1 in a thread, counting the requests it answers."""
+
+    def __init__(self, root: Path):
+        outer = self
+        self.requests = 0
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=str(root), **kw)
+
+            def do_GET(self):
+                outer.requests += 1
+                super().do_GET()
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    (tmp_path / "srv").mkdir()
+    torch.save({"state_dict": _dp(akamaster().state_dict()), "best_prec1": 91.7},
+               tmp_path / "srv" / "resnet20-12fca82f.th")
+    s = _Server(tmp_path / "srv")
+    yield s
+    s.close()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_url_is_downloaded_once_and_checked(server, tmp_path):
+    cache = tmp_path / "cache"
+    url = server.url + "/resnet20-12fca82f.th"
+    digest = hashlib.sha256((tmp_path / "srv" / "resnet20-12fca82f.th").read_bytes()).hexdigest()
+    for _ in range(2):
+        model = flaxres.create_model("resnet20", pretrained=url, cache_dir=cache, sha256=digest)
+    assert server.requests == 1
+    assert [p.name for p in _files(cache)] == ["resnet20-12fca82f.th"]
+    _assert_same_logits(model, akamaster())
+    file_url = (tmp_path / "srv" / "resnet20-12fca82f.th").as_uri()
+    _assert_same_logits(flaxres.create_model("resnet20", pretrained=file_url, cache_dir=cache),
+                        akamaster())
+
+
+def test_failing_urls_leave_nothing_in_the_cache(server, tmp_path):
+    cache = tmp_path / "cache"
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}/w.pth"
+    cases = {server.url + "/missing.pth": "download failed: HTTP Error 404",
+             refused: "download failed: .*Connection refused",
+             server.url + "/resnet20-12fca82f.th": "sha256 mismatch: expected 00+, downloaded"}
+    for url, match in cases.items():
+        with pytest.raises(WeightsError, match=match) as e:
+            flaxres.create_model("resnet20", pretrained=url, cache_dir=cache, sha256="0" * 64)
+        assert str(e.value).startswith(url) and "\n" not in str(e.value)
+        assert _files(cache) == []
+
+
+# ----------------------------------------------------------------------------- bad files
+
+
+def test_bad_files_give_one_clear_error(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"state_dict": akamaster().state_dict()}, good)
+    data = good.read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "notes.pth").write_text("these are not weights\n")
+    (tmp_path / "empty.th").write_bytes(b"")
+    from safetensors.torch import save_file
+
+    save_file(akamaster().state_dict(), tmp_path / "w.safetensors")
+    st = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(st[: len(st) - 100])
+    (tmp_path / "empty_dir").mkdir()
+    cases = {
+        "truncated.pth": "not a readable PyTorch checkpoint",
+        "notes.pth": "not a checkpoint: expected a PyTorch file",
+        "empty.th": r"not a checkpoint.*\(the file is empty\)",
+        "truncated.safetensors": "not a readable safetensors file",
+        "empty_dir": "no Orbax checkpoint in this directory",
+        "missing.pth": "no such file or directory",
+    }
+    for name, match in cases.items():
+        with pytest.raises(WeightsError, match=match) as e:
+            flaxres.create_model("resnet20", pretrained=tmp_path / name)
+        assert str(e.value).startswith(str(tmp_path / name)) and "\n" not in str(e.value)
+
+
+def test_wrong_architecture(tmp_path):
+    path = tmp_path / "aka.th"
+    torch.save({"state_dict": _dp(akamaster().state_dict())}, path)
+    with pytest.raises(ConversionError) as e:
+        flaxres.create_model("resnet32", pretrained=path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: state dict (akamaster layout) does not fit resnet32")
+    assert "60 missing: " in msg and "layer1.3.conv1.weight" in msg and "\n" not in msg
