@@ -165,6 +165,15 @@ def read_orbax(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     return flat, meta
 
 
+def _build(build: Callable[[int], nnx.Module], file_classes: int,
+           num_classes: int | None) -> nnx.Module:
+    """The model to load into: abstract (no initialisation work, every array comes from the
+    file) unless a fresh head of another size needs its initial weights."""
+    if num_classes is None or num_classes == file_classes:
+        return nnx.eval_shape(lambda: build(file_classes))
+    return build(num_classes)
+
+
 def load_pretrained(build: Callable[[int], nnx.Module], source: str | os.PathLike, *,
                     num_classes: int | None = None, arch: str | None = None,
                     cache_dir: str | os.PathLike | None = None,
@@ -184,14 +193,14 @@ def load_pretrained(build: Callable[[int], nnx.Module], source: str | os.PathLik
             if "fc.kernel" not in flat:
                 raise WeightsError("no classifier head (fc.kernel) in the Orbax checkpoint")
             file_classes = int(flat["fc.kernel"].shape[-1])
-            model = build(num_classes or file_classes)
+            model = _build(build, file_classes, num_classes)
             sd, layout = convert.from_nnx_arrays(model, flat), "orbax"
         else:
             if sha256 and not is_url(source):
                 _check_sha256(path, sha256, str(path))
             sd, layout = convert.torch_weights(read_file(path))
             file_classes = convert.head_classes(sd)
-            model = build(num_classes or file_classes)
+            model = _build(build, file_classes, num_classes)
         fresh = num_classes is not None and num_classes != file_classes
         model = convert.load_named(model, sd, layout=layout, fresh_head=fresh, arch=arch)
     except WeightsError as e:
