@@ -1,7 +1,7 @@
 """flaxres: the ResNet family in JAX/Flax NNX, numerically equal to the PyTorch references."""
 
 from flaxres.convert import WeightsError
-from flaxres.models import BasicBlock, BatchNorm, Bottleneck, PadShortcut, ResNet
+from flaxres.models import BasicBlock, BatchNorm, Bottleneck, FeatureInfo, PadShortcut, ResNet
 from flaxres.ops import CpuOps
 from flaxres.registry import (
     cifar_resnet,
@@ -15,7 +15,7 @@ from flaxres.registry import (
 )
 
 __all__ = [
-    "BasicBlock", "BatchNorm", "Bottleneck", "CpuOps", "PadShortcut", "ResNet", "cifar_resnet",
+    "BasicBlock", "BatchNorm", "Bottleneck", "CpuOps", "FeatureInfo", "PadShortcut", "ResNet", "cifar_resnet",
     "count_params", "create_model", "imagenet_resnet", "list_models", "model_stem", "register", "resnext",
     "WeightsError",
 ]

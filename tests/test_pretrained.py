@@ -368,3 +368,42 @@ def test_wrong_architecture(tmp_path):
     msg = str(e.value)
     assert msg.startswith(f"{path}: state dict (akamaster layout) does not fit resnet32")
     assert "60 missing: " in msg and "layer1.3.conv1.weight" in msg and "\n" not in msg
+
+
+# ----------------------------------------------------------------------------- features
+
+
+@pytest.mark.parametrize("name,size", [("resnet20", 32), ("resnet18", 64)])
+def test_intermediates_equal_the_pytorch_reference(name, size):
+    """Stem (after the max-pool where there is one) and every stage, against forward hooks on
+    the PyTorch reference; logits, pooled embedding and feature_info agree with them."""
+    torch.manual_seed(0)
+    ref = _randomise_bn(create_torch_model(name))
+    names = ["maxpool"] + [f"layer{i + 1}" for i in range(4 if name == "resnet18" else 3)]
+    acts = {}
+    for n in names:
+        getattr(ref, n).register_forward_hook(lambda m, i, o, n=n: acts.__setitem__(n, o))
+    x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
+    with torch.no_grad():
+        logits = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    model = from_torch(name, ref.state_dict())
+    model.eval()
+
+    @nnx.jit
+    def run(m, x):
+        out, feats = m.forward_intermediates(x)
+        return out, feats, m.forward_head(m.forward_features(x), pre_logits=True)
+
+    out, feats, pooled = run(model, x)
+    np.testing.assert_allclose(np.asarray(out), logits, rtol=1e-4, atol=1e-4)
+    assert [f.module for f in model.feature_info] == ["stem"] + names[1:]
+    for n, info, got in zip(names, model.feature_info, feats, strict=True):
+        want = acts[n].numpy().transpose(0, 2, 3, 1)
+        assert got.shape == (2, size // info.reduction, size // info.reduction, info.num_chs)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4, err_msg=n)
+    np.testing.assert_allclose(np.asarray(pooled), acts[names[-1]].numpy().mean(axis=(2, 3)),
+                               rtol=1e-5, atol=1e-5)
+    _, last_two = model.forward_intermediates(x, indices=2)
+    assert [f.shape for f in last_two] == [f.shape for f in feats[-2:]]
+    with pytest.raises(ValueError, match=r"indices \[9\] out of range"):
+        model.forward_intermediates(x, indices=[0, 9])
