@@ -407,3 +407,60 @@ def test_intermediates_equal_the_pytorch_reference(name, size):
     assert [f.shape for f in last_two] == [f.shape for f in feats[-2:]]
     with pytest.raises(ValueError, match=r"indices \[9\] out of range"):
         model.forward_intermediates(x, indices=[0, 9])
+
+
+# ----------------------------------------------------------------------------- ImageNet predict CLI
+
+
+def test_predict_cli_equals_torchvision(tmp_path, capsys):
+    """resnet18 with random weights (a sharpened head, so the top 5 are well apart) on a
+    non-square JPEG: torchvision's transform and model give the same top 5 and probabilities."""
+    import torchvision
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from flaxres import predict
+
+    torch.manual_seed(0)
+    ref = _randomise_bn(torchvision.models.resnet18())
+    with torch.no_grad():
+        ref.fc.weight.mul_(40)
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (270, 330, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "img.jpg", quality=90)
+    (tmp_path / "notes.jpg").write_text("not an image")
+
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize(predict.IMAGENET_MEAN, predict.IMAGENET_STD)])
+    with Image.open(tmp_path / "img.jpg") as img:
+        want_x = tf(img)
+        np.testing.assert_allclose(predict.preprocess(img), want_x.numpy().transpose(1, 2, 0),
+                                   atol=1e-6)
+    with torch.no_grad():
+        probs = torch.softmax(ref(want_x[None]), -1)[0].numpy()
+    top = np.argsort(-probs)[:5]
+    classes = predict.imagenet_classes()
+    assert len(classes) == 1000 and classes[0] == "tench"
+
+    predict.main(["--arch", "resnet18", "--weights", str(tmp_path / "r18.pth"),
+                  str(tmp_path / "img.jpg")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(tmp_path / "img.jpg") and len(lines) == 6
+    for rank, (line, c) in enumerate(zip(lines[1:], top), 1):
+        assert line.split()[0] == f"{rank}." and classes[c] in line
+        assert line.endswith(f"{probs[c]:7.2%}")
+
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--arch", "resnet18", "--weights", str(tmp_path / "r18.pth"),
+                      str(tmp_path / "img.jpg"), str(tmp_path / "notes.jpg")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'notes.jpg'}: not a readable image") and "\n" not in err
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18_10.pth")
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--arch", "resnet18", "--weights", str(tmp_path / "r18_10.pth"),
+                      str(tmp_path / "img.jpg")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'r18_10.pth'}: the weights "
+                                               "have 10 classes, not ImageNet's 1000")
