@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import logging
+import re
 import socket
 import threading
 from pathlib import Path
@@ -464,3 +465,58 @@ def test_predict_cli_equals_torchvision(tmp_path, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'r18_10.pth'}: the weights "
                                                "have 10 classes, not ImageNet's 1000")
+
+
+# ----------------------------------------------------------------------------- fine-tuning in train.cifar
+
+
+def test_train_cifar_init_from_with_frozen_backbone(tmp_path, caplog):
+    """An akamaster-layout resnet8 with a 7-class head, fine-tuned on 10-class data: fresh head
+    (and a warning), backbone unchanged by two SGD steps, head trained."""
+    import orbax.checkpoint as ocp
+
+    from train import cifar, synthetic
+
+    torch.manual_seed(0)
+    ref = _randomise_bn(create_torch_model("resnet8", num_classes=7))
+    sd = {("linear." + k[3:] if k.startswith("fc.") else k): v for k, v in ref.state_dict().items()}
+    torch.save({"state_dict": _dp(sd), "best_prec1": 50.0}, tmp_path / "r8.th")
+    src = synthetic.write_cifar10_python(tmp_path, synthetic.make_arrays(64, 32, seed=0), tar=True)
+    common = ["--arch", "resnet8", "--data-dir", str(src), "--cache-dir", str(tmp_path / "cache"),
+              "--batch-size", "32", "--eval-batch-size", "32", "--no-plot", "--steps", "2"]
+    wd = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="flaxres"):
+        cifar.main([*common, "--workdir", str(wd), "--init-from", str(tmp_path / "r8.th"),
+                    "--freeze-backbone"])
+    assert "fresh 10-class head" in caplog.text
+    saved = ocp.StandardCheckpointer().restore((wd / "checkpoints" / "last" / "2" / "state")
+                                               .absolute())["state"]["params"]
+    np.testing.assert_array_equal(np.asarray(saved["conv1"]["kernel"]["value"]).transpose(3, 2, 0, 1),
+                                  ref.conv1.weight.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(saved["layer3"]["0"]["bn2"]["scale"]["value"]),
+                                  ref.layer3[0].bn2.weight.detach().numpy())
+    fresh = flaxres.cifar_resnet(8, num_classes=10, rngs=nnx.Rngs(0))
+    assert not np.allclose(saved["fc"]["kernel"]["value"], fresh.fc.kernel[...])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--init-from", "{tmp}/notes.pth"], r"error: {tmp}/notes.pth: not a checkpoint"),
+    (["--init-from", "{tmp}/r20.pth"], r"error: {tmp}/r20.pth: state dict \(torchvision layout\) "
+                                       "does not fit"),
+    (["--freeze-backbone"], "--freeze-backbone needs --init-from PATH"),
+])
+def test_train_cifar_bad_init_from(tmp_path, capsys, args, match):
+    """One line, exit 2, no workdir written."""
+    from train import cifar, synthetic
+
+    (tmp_path / "notes.pth").write_text("not weights")
+    torch.save(create_torch_model("resnet20").state_dict(), tmp_path / "r20.pth")
+    src = synthetic.write_cifar10_python(tmp_path, synthetic.make_arrays(64, 32, seed=0), tar=True)
+    wd = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cifar.main(["--arch", "resnet8", "--data-dir", str(src), "--cache-dir",
+                    str(tmp_path / "cache"), "--batch-size", "32", "--workdir", str(wd),
+                    *[a.format(tmp=tmp_path) for a in args]])
+    assert e.value.code == 2 and not wd.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(match.format(tmp=tmp_path), err[-1])

@@ -32,12 +32,12 @@ import numpy as np
 from flax import nnx
 
 import flaxres
-from train import checkpoint, data, optim, steps
+from train import checkpoint, data, finetune, optim, steps
 from train.config import Config
 
 # Fields a resumed run must share with its checkpoint (others, e.g. --epochs, may change).
 _RESUME_FIXED = ("arch", "dataset", "batch_size", "seed", "subset", "val_split", "precision",
-                 "augment", "mean", "std")
+                 "augment", "mean", "std", "freeze_backbone")
 
 
 class Diverged(RuntimeError):
@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("--eval-only and --predict need --checkpoint PATH")
     if len(cfg.mean) != 3 or len(cfg.std) != 3:
         p.error("--mean and --std take three numbers (R G B)")
+    if cfg.freeze_backbone and not cfg.init_from:
+        p.error("--freeze-backbone needs --init-from PATH")
     return cfg
 
 
@@ -130,7 +132,9 @@ def _setup(cfg: Config, arrays: data.Arrays | None, steps_per_epoch: int = 1) ->
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {ndev} devices")
     schedule = cfg.lr_schedule(steps_per_epoch)
     tx = optim.sgd(schedule, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    train_def, eval_def, state = steps.init_state(build_model(cfg), tx, cfg.seed)
+    tx = finetune.head_only(tx) if cfg.freeze_backbone else tx
+    train_def, eval_def, state = steps.init_state(finetune.initial_model(cfg, build_model), tx,
+                                                  cfg.seed)
     rep = steps.replicated(mesh)
     static = {"mean": cfg.mean, "std": cfg.std}
     eval_bs = max(ndev, cfg.eval_batch_size // ndev * ndev)
@@ -364,6 +368,7 @@ def _restore_for_inference(cfg: Config) -> tuple[Config, _Run, dict]:
     directory, step = checkpoint.resolve(cfg.checkpoint)
     meta = checkpoint.restore_meta(directory, step)
     saved = Config.from_dict(meta["config"])
+    saved.init_from = None  # the checkpoint has the weights
     saved.data_dir = cfg.data_dir or saved.data_dir
     saved.cache_dir = cfg.cache_dir or saved.cache_dir
     run = _setup(saved, None)
