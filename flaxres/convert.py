@@ -15,6 +15,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -205,6 +206,14 @@ def _to_flaxres_names(sd: dict[str, np.ndarray], layout: str) -> dict[str, np.nd
             for k, v in sd.items()}
 
 
+def _file_name(key: str, layout: str) -> str:
+    """A flaxres name as the ``layout``'s file spells it (the inverse of _to_flaxres_names)."""
+    if layout not in ("akamaster", "kuangliu"):
+        return key
+    key = re.sub(r"^fc\.", "linear.", key)
+    return re.sub(r"^(layer\d+\.\d+\.)downsample\.", r"\1shortcut.", key)
+
+
 def torch_weights(source: Any) -> tuple[dict[str, np.ndarray], str]:
     """``(state dict under flaxres names, layout)`` for anything :func:`load_state_dict` reads."""
     sd = load_state_dict(source)
@@ -275,10 +284,11 @@ def load_named(model: nnx.Module, sd: Mapping[str, np.ndarray], *, strict: bool 
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
     expected = {e.key: e for e in entries}
     bn_prefixes = {e.key.removesuffix("running_var") for e in entries if e.key.endswith("running_var")}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected and not (
+    shown = functools.partial(_file_name, layout=layout)  # errors speak the file's names
+    missing = [shown(k) for k in expected if k not in sd]
+    unexpected = [shown(k) for k in sd if k not in expected and not (
         k.endswith(_IGNORED_SUFFIX) and k.removesuffix(_IGNORED_SUFFIX[1:]) in bn_prefixes)]
-    misshaped = [f"{k}: checkpoint {tuple(sd[k].shape)}, model {e.torch_shape()}"
+    misshaped = [f"{shown(k)}: checkpoint {tuple(sd[k].shape)}, model {e.torch_shape()}"
                  for k, e in expected.items() if k in sd and tuple(sd[k].shape) != e.torch_shape()]
     problems = [(f"{len(v)} {n}", v) for n, v in
                 (("mis-shaped", misshaped), *((("missing", missing), ("unexpected", unexpected))
