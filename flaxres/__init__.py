@@ -15,7 +15,20 @@ from flaxres.registry import (
 )
 
 __all__ = [
-    "BasicBlock", "BatchNorm", "Bottleneck", "CpuOps", "FeatureInfo", "PadShortcut", "ResNet", "cifar_resnet",
-    "count_params", "create_model", "imagenet_resnet", "list_models", "model_stem", "register", "resnext",
+    "BasicBlock",
+    "BatchNorm",
+    "Bottleneck",
+    "CpuOps",
+    "FeatureInfo",
+    "PadShortcut",
+    "ResNet",
     "WeightsError",
+    "cifar_resnet",
+    "count_params",
+    "create_model",
+    "imagenet_resnet",
+    "list_models",
+    "model_stem",
+    "register",
+    "resnext",
 ]

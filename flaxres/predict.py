@@ -49,7 +49,7 @@ def preprocess(image: Image.Image, resize: int = 256, crop: int = 224) -> np.nda
     if size != (w, h):
         img = img.resize(size, Image.BILINEAR)
     w, h = img.size
-    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    top, left = round((h - crop) / 2.0), round((w - crop) / 2.0)
     x = np.asarray(img.crop((left, top, left + crop, top + crop)), np.float32) / 255.0
     return (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
 
