@@ -247,12 +247,11 @@ def from_torch(model: nnx.Module | str, source: Any, *, strict: bool = True) -> 
     if isinstance(model, str):
         from flaxres.registry import create_model
 
-        if not strict:
-            raise ValueError("strict=False needs a model instance (missing weights keep its own)")
         arch, classes = model, head_classes(sd)
-        # Abstract: no initialisation work, every array comes from the file (strict).
-        model = nnx.eval_shape(lambda: create_model(arch, num_classes=classes))
-        return load_named(model, sd, layout=layout, arch=arch)
+        # Strict: abstract, as every array comes from the file (no initialisation work).
+        model = (nnx.eval_shape(lambda: create_model(arch, num_classes=classes)) if strict
+                 else create_model(arch, num_classes=classes))
+        return load_named(model, sd, strict=strict, layout=layout, arch=arch)
     return load_named(model, sd, strict=strict, layout=layout)
 
 

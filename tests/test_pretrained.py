@@ -140,12 +140,17 @@ def _dp(sd: dict) -> dict:
     return {"module." + k: v for k, v in sd.items()}
 
 
+@nnx.jit  # one compile per architecture, not one per eager op or per test
+def _forward(model, x):
+    return model(x)
+
+
 def _assert_same_logits(model, ref: nn.Module, size: int = 32) -> None:
     x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
     model.eval()
     with torch.no_grad():
         want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-    got = nnx.jit(lambda m, x: m(x))(model, x)  # one compile, not one per eager op
+    got = _forward(model, x)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
@@ -275,6 +280,12 @@ class _Server:
 
             def do_GET(self):
                 outer.requests += 1
+                if self.path == "/cut-short.pth":  # the connection drops mid-file
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    self.wfile.write(b"PK\x03\x04" + bytes(96))
+                    return
                 super().do_GET()
 
             def log_message(self, *a):
@@ -324,6 +335,7 @@ def test_failing_urls_leave_nothing_in_the_cache(server, tmp_path):
         refused = f"http://127.0.0.1:{s.getsockname()[1]}/w.pth"
     cases = {server.url + "/missing.pth": "download failed: HTTP Error 404",
              refused: "download failed: .*Connection refused",
+             server.url + "/cut-short.pth": "download failed: .*(100 of 100000 bytes|IncompleteRead)",
              server.url + "/resnet20-12fca82f.th": "sha256 mismatch: expected 00+, downloaded"}
     for url, match in cases.items():
         with pytest.raises(WeightsError, match=match) as e:
@@ -521,3 +533,15 @@ def test_train_cifar_bad_init_from(tmp_path, capsys, args, match):
     assert e.value.code == 2 and not wd.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert re.search(match.format(tmp=tmp_path), err[-1])
+
+
+def test_convert_cli_bad_file_is_one_line(tmp_path, capsys):
+    from flaxres.convert import main
+
+    (tmp_path / "notes.pth").write_text("not weights")
+    with pytest.raises(SystemExit) as e:
+        main(["--arch", "resnet20", str(tmp_path / "notes.pth"), str(tmp_path / "out")])
+    assert e.value.code == 2 and not (tmp_path / "out").exists()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'notes.pth'}: not a readable PyTorch checkpoint")
+    assert "\n" not in err
