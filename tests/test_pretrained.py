@@ -11,6 +11,7 @@ import socket
 import threading
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -164,6 +165,7 @@ def test_akamaster_checkpoint_as_published(tmp_path):
                _use_new_zipfile_serialization=False)
     model = from_torch("resnet20", path)
     assert model.fc.kernel.shape == (64, 10)
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(nnx.state(model)))  # none abstract
     _assert_same_logits(model, akamaster())
 
 
