@@ -120,12 +120,12 @@ def to_torch(model: nnx.Module) -> dict[str, Any]:
 
 
 def load_state_dict(source: Any) -> dict[str, np.ndarray]:
-    """Flat ``{key: numpy array}`` from a path saved with ``torch.save``, an ``nn.Module``, a bare
+    """Flat ``{key: numpy array}`` from a ``torch.save`` or safetensors file, an ``nn.Module``, a bare
     state dict, or a checkpoint dict holding one under ``state_dict`` / ``model`` / ``net`` (next
     to any non-tensor entries such as ``epoch`` or ``best_prec1``); the ``module.``
     (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes are removed."""
     if isinstance(source, (str, os.PathLike)):
-        source = _torch_load(source)
+        source = _read_file(source)
     if hasattr(source, "state_dict") and not isinstance(source, Mapping):
         source = source.state_dict()
     while isinstance(source, Mapping) and not any(_is_array(v) for v in source.values()):
@@ -150,8 +150,34 @@ def load_state_dict(source: Any) -> dict[str, np.ndarray]:
     return {k: _to_numpy(v) for k, v in sd.items()}
 
 
+def _read_file(path: str | os.PathLike) -> Any:
+    """The object in a ``torch.save`` or safetensors file, told apart by their first bytes (not
+    the suffix); an unreadable file is one WeightsError."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = os.path.getsize(path)
+    except FileNotFoundError as e:
+        raise WeightsError("no such file or directory") from e
+    except OSError as e:
+        raise WeightsError(f"cannot read the file: {e.strerror or e}") from e
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or legacy pickle
+        return _torch_load(path)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise WeightsError(f"not a readable safetensors file (truncated?): {e}") from e
+    raise WeightsError("not a checkpoint: expected a PyTorch file (.pth/.pt/.th), a "
+                       ".safetensors file or an Orbax checkpoint directory"
+                       + (" (the file is empty)" if size == 0 else ""))
+
+
 def _torch_load(path: str | os.PathLike) -> Any:
-    """``torch.load`` of tensors and plain data only; an unreadable file is one WeightsError."""
+    """``torch.load`` of tensors and plain data only."""
     try:
         import torch
     except ImportError as e:
@@ -159,8 +185,6 @@ def _torch_load(path: str | os.PathLike) -> Any:
                            "(pip install 'flaxres[torch]')") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise WeightsError("no such file") from e
     except Exception as e:  # zip, pickle and unpickler errors of every kind
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError("not a readable PyTorch checkpoint (truncated, or not a checkpoint): "

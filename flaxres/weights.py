@@ -4,7 +4,8 @@ A source is a local PyTorch file (``.pth``/``.pt``/``.th``, any layout
 :func:`flaxres.convert.detect_layout` knows), a ``.safetensors`` file, an Orbax directory (a
 ``train.cifar`` workdir or its ``checkpoints/{best,last}``, or ``python -m flaxres.convert``
 output), or an ``https://`` / ``http://`` / ``file://`` URL of a file, downloaded once into a cache.
-Files are recognised by their content, not their suffix, so a URL without one works too. Every
+Files are recognised by their content, not their suffix (:func:`flaxres.convert.load_state_dict`),
+so a URL without one works too. Every
 failure is one :class:`flaxres.convert.WeightsError` naming the source, and a failed download
 leaves nothing in the cache.
 """
@@ -98,26 +99,6 @@ def _check_sha256(path: Path, sha256: str, what: str) -> None:
                            f"{sha256.lower()}")
 
 
-def read_file(path: Path) -> dict[str, np.ndarray]:
-    """The flat arrays of a PyTorch or safetensors file, told apart by their first bytes."""
-    with path.open("rb") as f:
-        head = f.read(9)
-    size = path.stat().st_size
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or legacy pickle
-        return convert.load_state_dict(path)
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        try:
-            return convert.load_state_dict(load_file(path))
-        except SafetensorError as e:
-            raise WeightsError(f"not a readable safetensors file (truncated?): {e}") from e
-    raise WeightsError("not a checkpoint: expected a PyTorch file (.pth/.pt/.th), a "
-                       ".safetensors file or an Orbax checkpoint directory"
-                       + (" (the file is empty)" if size == 0 else ""))
-
-
 def orbax_state_dir(path: Path) -> tuple[Path, dict]:
     """The Orbax state folder in ``path`` and its train.cifar metadata (``{}`` when none).
 
@@ -198,7 +179,7 @@ def load_pretrained(build: Callable[[int], nnx.Module], source: str | os.PathLik
         else:
             if sha256 and not is_url(source):
                 _check_sha256(path, sha256, str(path))
-            sd, layout = convert.torch_weights(read_file(path))
+            sd, layout = convert.torch_weights(path)
             file_classes = convert.head_classes(sd)
             model = _build(build, file_classes, num_classes)
         fresh = num_classes is not None and num_classes != file_classes
