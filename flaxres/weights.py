@@ -5,9 +5,8 @@ A source is a local PyTorch file (``.pth``/``.pt``/``.th``, any layout
 ``train.cifar`` workdir or its ``checkpoints/{best,last}``, or ``python -m flaxres.convert``
 output), or an ``https://`` / ``http://`` / ``file://`` URL of a file, downloaded once into a cache.
 Files are recognised by their content, not their suffix (:func:`flaxres.convert.load_state_dict`),
-so a URL without one works too. Every
-failure is one :class:`flaxres.convert.WeightsError` naming the source, and a failed download
-leaves nothing in the cache.
+so a URL without one works too. Every failure is one :class:`flaxres.convert.WeightsError` naming
+the source, and a failed download leaves nothing in the cache.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import numpy as np
 from flax import nnx, traverse_util
 
@@ -129,8 +129,14 @@ def read_orbax(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     import orbax.checkpoint as ocp
 
     state_dir, meta = orbax_state_dir(path)
+    ckptr = ocp.StandardCheckpointer()
     try:
-        tree = ocp.StandardCheckpointer().restore(state_dir.absolute())
+        saved = ckptr.metadata(state_dir.absolute())
+        # Onto one local device, whatever mesh saved it (a GPU run read on a laptop).
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                              getattr(saved, "item_metadata", saved))
+        tree = ckptr.restore(state_dir.absolute(), target)
     except Exception as e:  # orbax/tensorstore raise many kinds for damaged folders
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(f"unreadable Orbax checkpoint {state_dir}: {first}") from e

@@ -234,15 +234,17 @@ def test_other_num_classes_gives_a_fresh_head_and_says_so(tmp_path, caplog):
                                   akamaster().conv1.weight.detach().numpy())
 
 
-def _train_cifar_checkpoint(root: Path, arch: str = "resnet20") -> Path:
-    """A ``<workdir>/checkpoints/best/<step>`` exactly as train.cifar writes it."""
+def _train_cifar_checkpoint(root: Path, arch: str = "resnet20", mesh=None) -> Path:
+    """A ``<workdir>/checkpoints/best/<step>`` exactly as train.cifar writes it (replicated over
+    ``mesh``'s devices if given)."""
     from train import checkpoint, optim, steps
 
     model = from_torch(arch, akamaster().state_dict())
     _, _, state = steps.init_state(model, optim.sgd(0.1), 0)
-    checkpoint.save(root / "checkpoints" / "best", 7, {"state": state,
-                                                       "metrics": steps.zero_metrics()},
-                    {"epoch": 1, "config": {"arch": arch}})
+    tree = {"state": state, "metrics": steps.zero_metrics()}
+    if mesh is not None:
+        tree = jax.device_put(tree, steps.replicated(mesh))
+    checkpoint.save(root / "checkpoints" / "best", 7, tree, {"epoch": 1, "config": {"arch": arch}})
     return root
 
 
@@ -252,6 +254,23 @@ def test_orbax_workdir_of_train_cifar(tmp_path):
         _assert_same_logits(flaxres.create_model("resnet20", pretrained=src), akamaster())
     with pytest.raises(WeightsError, match="holds a resnet20, not a resnet32"):
         flaxres.create_model("resnet32", pretrained=wd)
+
+
+@pytest.mark.full
+def test_orbax_checkpoint_saved_on_another_mesh(tmp_path):
+    """A train.cifar checkpoint saved replicated over 4 devices loads on this 1-device process."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, '.'); "
+            "import tests.test_pretrained as t, jax; from train import steps; "
+            "assert len(jax.devices()) == 4; "
+            "t._train_cifar_checkpoint(Path(sys.argv[1]), mesh=steps.make_mesh())")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], check=True, env=env,
+                   cwd=Path(__file__).resolve().parents[1], timeout=300)
+    _assert_same_logits(flaxres.create_model("resnet20", pretrained=tmp_path / "run"), akamaster())
 
 
 def test_orbax_directory_of_the_convert_cli(tmp_path):
