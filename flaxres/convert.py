@@ -318,7 +318,8 @@ def load_named(model: nnx.Module, sd: Mapping[str, np.ndarray], *, strict: bool 
                                               if strict else ())) if v]
     if problems:
         raise ConversionError(
-            f"state dict ({layout} layout) does not fit {arch or _describe(model)}: " + "; ".join(
+            f"state dict ({layout} layout{_file_blocks(sd)}) does not fit "
+            f"{arch or type(model).__name__}{_model_blocks(model)}: " + "; ".join(
                 f"{head}: {', '.join(keys)}" for head, keys in problems))
     for k, e in expected.items():
         if k in sd:
@@ -327,11 +328,21 @@ def load_named(model: nnx.Module, sd: Mapping[str, np.ndarray], *, strict: bool 
     return model
 
 
-def _describe(model: nnx.Module) -> str:
+def _model_blocks(model: nnx.Module) -> str:
     layers = [len(getattr(model, f"layer{i + 1}")) for i in range(getattr(model, "num_stages", 0))]
-    if not layers:
-        return type(model).__name__
-    return f"{type(model).__name__} with {'-'.join(map(str, layers))} blocks per stage"
+    return f" ({'-'.join(map(str, layers))} blocks per stage)" if layers else ""
+
+
+def _file_blocks(sd: Mapping[str, np.ndarray]) -> str:
+    """``", 3-3-3 blocks per stage"`` read from ``layerS.B.`` keys: which net the file holds."""
+    blocks: dict[int, int] = {}
+    for k in sd:
+        if m := re.match(r"layer(\d+)\.(\d+)\.", k):
+            blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
+    if not blocks:
+        return ""
+    return ", " + "-".join(str(blocks.get(i, 0)) for i in range(1, max(blocks) + 1)) + \
+        " blocks per stage"
 
 
 def main(argv: list[str] | None = None) -> None:

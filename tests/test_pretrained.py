@@ -214,7 +214,7 @@ def test_partial_match_lists_every_problem():
     with pytest.raises(ConversionError) as e:
         from_torch("resnet18_cifar", {"net": sd})
     msg = str(e.value)
-    assert "kuangliu layout" in msg and "does not fit resnet18_cifar" in msg
+    assert "(kuangliu layout, 2-2-2-2-0-0-0-0-1 blocks per stage) does not fit resnet18_cifar" in msg
     assert "1 missing: layer2.0.shortcut.1.running_var" in msg  # the file's names
     assert "1 unexpected: layer9.0.conv1.weight" in msg
 
@@ -401,7 +401,8 @@ def test_wrong_architecture(tmp_path):
     with pytest.raises(ConversionError) as e:
         flaxres.create_model("resnet32", pretrained=path)
     msg = str(e.value)
-    assert msg.startswith(f"{path}: state dict (akamaster layout) does not fit resnet32")
+    assert msg.startswith(f"{path}: state dict (akamaster layout, 3-3-3 blocks per stage) does "
+                          "not fit resnet32 (5-5-5 blocks per stage)")
     assert "60 missing: " in msg and "layer1.3.conv1.weight" in msg and "\n" not in msg
 
 
@@ -536,7 +537,8 @@ def test_train_cifar_init_from_with_frozen_backbone(tmp_path, caplog):
 @pytest.mark.parametrize("args,match", [
     (["--init-from", "{tmp}/notes.pth"], r"error: {tmp}/notes.pth: not a checkpoint"),
     (["--init-from", "{tmp}/r20.pth"],
-     r"error: {tmp}/r20.pth: state dict \(torchvision layout\) does not fit"),
+     r"error: {tmp}/r20.pth: state dict \(torchvision layout, 3-3-3 blocks per stage\) does "
+     r"not fit resnet8 \(1-1-1 blocks per stage\): 72 unexpected"),
     (["--freeze-backbone"], "--freeze-backbone needs --init-from PATH"),
 ])
 def test_train_cifar_bad_init_from(tmp_path, capsys, args, match):
