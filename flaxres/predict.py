@@ -67,6 +67,11 @@ def load_images(paths: list[str]) -> np.ndarray:
     return np.stack(out)
 
 
+@nnx.jit
+def _probabilities(model: nnx.Module, x: jax.Array) -> jax.Array:
+    return jax.nn.softmax(model(x))
+
+
 def predict(arch: str, weights: str, images: list[str], *, top_k: int = 5,
             cache_dir: str | None = None, sha256: str | None = None
             ) -> list[list[tuple[str, float]]]:
@@ -78,8 +83,7 @@ def predict(arch: str, weights: str, images: list[str], *, top_k: int = 5,
         raise WeightsError(f"{weights}: the weights have {model.fc.kernel.shape[-1]} classes, "
                            f"not ImageNet's {len(classes)}")
     model.eval()
-    forward = nnx.jit(lambda m, x: jax.nn.softmax(m(x)))
-    probs = np.concatenate([np.asarray(forward(model, batch[i:i + _BATCH]))
+    probs = np.concatenate([np.asarray(_probabilities(model, batch[i:i + _BATCH]))
                             for i in range(0, len(batch), _BATCH)])
     return [[(classes[c], float(pr[c])) for c in np.argsort(-pr)[:top_k]] for pr in probs]
 

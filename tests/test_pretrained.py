@@ -486,6 +486,9 @@ def test_predict_cli_equals_torchvision(tmp_path, capsys):
     for rank, (line, c) in enumerate(zip(lines[1:], top), 1):
         assert line.split()[0] == f"{rank}." and classes[c] in line
         assert line.endswith(f"{probs[c]:7.2%}")
+    (got,) = predict.predict("resnet18", str(tmp_path / "r18.pth"), [str(tmp_path / "img.jpg")])
+    assert [name for name, _ in got] == [classes[c] for c in top]
+    np.testing.assert_allclose([p for _, p in got], probs[top], rtol=1e-4, atol=1e-6)
 
     with pytest.raises(SystemExit) as e:
         predict.main(["--arch", "resnet18", "--weights", str(tmp_path / "r18.pth"),
