@@ -1,6 +1,7 @@
 """flaxres: the ResNet family in JAX/Flax NNX, numerically equal to the PyTorch references."""
 
-from flaxres.models import BasicBlock, BatchNorm, Bottleneck, PadShortcut, ResNet
+from flaxres.convert import WeightsError
+from flaxres.models import BasicBlock, BatchNorm, Bottleneck, FeatureInfo, PadShortcut, ResNet
 from flaxres.ops import CpuOps
 from flaxres.registry import (
     cifar_resnet,
@@ -14,6 +15,20 @@ from flaxres.registry import (
 )
 
 __all__ = [
-    "BasicBlock", "BatchNorm", "Bottleneck", "CpuOps", "PadShortcut", "ResNet", "cifar_resnet",
-    "count_params", "create_model", "imagenet_resnet", "list_models", "model_stem", "register", "resnext",
+    "BasicBlock",
+    "BatchNorm",
+    "Bottleneck",
+    "CpuOps",
+    "FeatureInfo",
+    "PadShortcut",
+    "ResNet",
+    "WeightsError",
+    "cifar_resnet",
+    "count_params",
+    "create_model",
+    "imagenet_resnet",
+    "list_models",
+    "model_stem",
+    "register",
+    "resnext",
 ]

@@ -15,7 +15,10 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +38,18 @@ _LAYOUTS = {  # attr -> (torch name, layout)
     nnx.BatchNorm: {"scale": ("weight", ""), "bias": ("bias", ""), "mean": ("running_mean", ""),
                     "var": ("running_var", "")},
 }
+_WRAPPERS = ("state_dict", "model", "net")  # where training scripts keep the weights
+_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+_SHORTCUT = re.compile(r"^(layer\d+\.\d+\.)(shortcut|downsample)\.")  # projection shortcuts
 _TO_TORCH = {"conv": (3, 2, 0, 1), "linear": (1, 0)}  # HWIO -> OIHW, (in, out) -> (out, in)
 _FROM_TORCH = {"conv": (2, 3, 1, 0), "linear": (1, 0)}
 
 
-class ConversionError(ValueError):
+class WeightsError(ValueError):
+    """Weights that cannot be loaded (unreadable file, failed download, ambiguous layout)."""
+
+
+class ConversionError(WeightsError):
     """A state dict that does not fit the model: lists every missing/unexpected/mis-shaped key."""
 
 
@@ -110,27 +120,75 @@ def to_torch(model: nnx.Module) -> dict[str, Any]:
 
 
 def load_state_dict(source: Any) -> dict[str, np.ndarray]:
-    """Flat ``{key: numpy array}`` from a path saved with ``torch.save``, an ``nn.Module``, a bare
-    state dict, or a checkpoint dict holding one under ``state_dict`` / ``model``; the
-    ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes are removed."""
+    """Flat ``{key: numpy array}`` from a ``torch.save`` or safetensors file, an ``nn.Module``, a bare
+    state dict, or a checkpoint dict holding one under ``state_dict`` / ``model`` / ``net`` (next
+    to any non-tensor entries such as ``epoch`` or ``best_prec1``); the ``module.``
+    (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes are removed."""
     if isinstance(source, (str, os.PathLike)):
-        import torch
-
-        source = torch.load(source, map_location="cpu", weights_only=True)
+        source = _read_file(source)
     if hasattr(source, "state_dict") and not isinstance(source, Mapping):
         source = source.state_dict()
     while isinstance(source, Mapping) and not any(_is_array(v) for v in source.values()):
-        inner = next((source[k] for k in ("state_dict", "model") if isinstance(source.get(k), Mapping)), None)
-        if inner is None:
-            raise ConversionError(f"no state dict found in a dict with keys {sorted(source)[:10]}")
-        source = inner
+        found = [k for k in _WRAPPERS if isinstance(source.get(k), Mapping)]
+        if not found:
+            raise WeightsError(f"no state dict found in a dict with keys {sorted(map(str, source))[:10]}"
+                               f" (looked under {', '.join(map(repr, _WRAPPERS))})")
+        if len(found) > 1:
+            raise WeightsError(f"ambiguous checkpoint: state dicts under {', '.join(map(repr, found))};"
+                               " pass the one to load")
+        source = source[found[0]]
     if not isinstance(source, Mapping):
-        raise ConversionError(f"cannot read a state dict from {type(source).__name__}")
+        raise WeightsError(f"cannot read a state dict from {type(source).__name__}")
     sd = {str(k): v for k, v in source.items() if _is_array(v)}
-    for prefix in ("module.", "_orig_mod.", "module."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    changed = True
+    while changed:  # DataParallel around torch.compile, or the other way round
+        changed = False
+        for prefix in _PREFIXES:
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+                changed = True
     return {k: _to_numpy(v) for k, v in sd.items()}
+
+
+def _read_file(path: str | os.PathLike) -> Any:
+    """The object in a ``torch.save`` or safetensors file, told apart by their first bytes (not
+    the suffix); an unreadable file is one WeightsError."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = os.path.getsize(path)
+    except FileNotFoundError as e:
+        raise WeightsError("no such file or directory") from e
+    except OSError as e:
+        raise WeightsError(f"cannot read the file: {e.strerror or e}") from e
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or legacy pickle
+        return _torch_load(path)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise WeightsError(f"not a readable safetensors file (truncated?): {e}") from e
+    raise WeightsError("not a checkpoint: expected a PyTorch file (.pth/.pt/.th), a "
+                       ".safetensors file or an Orbax checkpoint directory"
+                       + (" (the file is empty)" if size == 0 else ""))
+
+
+def _torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load`` of tensors and plain data only."""
+    try:
+        import torch
+    except ImportError as e:
+        raise WeightsError("reading a PyTorch checkpoint needs PyTorch "
+                           "(pip install 'flaxres[torch]')") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle and unpickler errors of every kind
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError("not a readable PyTorch checkpoint (truncated, or not a checkpoint): "
+                           f"{first}") from e
 
 
 def _is_array(v: Any) -> bool:
@@ -144,40 +202,147 @@ def _to_numpy(v: Any) -> np.ndarray:
     return (v.float() if v.is_floating_point() and v.element_size() < 4 else v).numpy()
 
 
+def detect_layout(sd: Mapping[str, Any]) -> str:
+    """Which repository's key names ``sd`` uses, from the keys present (never the file name).
+
+    ``"torchvision"`` (also timm): ``fc`` head, ``downsample.{0,1}`` projections.
+    ``"akamaster"`` (pytorch_resnet_cifar10): ``linear`` head, option-A shortcuts without
+    parameters. ``"kuangliu"`` (pytorch-cifar): ``linear`` head, ``shortcut.{0,1}`` projections.
+    Keys of two layouts at once raise :class:`WeightsError`.
+    """
+    heads = sorted({k.split(".")[0] for k in sd if k.split(".")[0] in ("fc", "linear")})
+    shortcuts = sorted({m[2] for k in sd if (m := _SHORTCUT.match(k))})
+    if len(heads) > 1 or len(shortcuts) > 1 or (heads, shortcuts) in (
+            (["fc"], ["shortcut"]), (["linear"], ["downsample"])):
+        raise WeightsError("ambiguous state dict: it mixes layouts (heads: "
+                           f"{', '.join(heads) or 'none'}; shortcut modules: "
+                           f"{', '.join(shortcuts) or 'none'})")
+    if heads == ["linear"] or shortcuts == ["shortcut"]:
+        return "kuangliu" if shortcuts else "akamaster"
+    return "torchvision"
+
+
+def _to_flaxres_names(sd: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarray]:
+    """Renames akamaster/kuangliu keys to flaxres' (torchvision's) names."""
+    if layout == "torchvision":
+        return sd
+    return {_SHORTCUT.sub(r"\1downsample.", re.sub(r"^linear\.", "fc.", k)): v
+            for k, v in sd.items()}
+
+
+def _file_name(key: str, layout: str) -> str:
+    """A flaxres name as the ``layout``'s file spells it (the inverse of _to_flaxres_names)."""
+    if layout not in ("akamaster", "kuangliu"):
+        return key
+    key = re.sub(r"^fc\.", "linear.", key)
+    return re.sub(r"^(layer\d+\.\d+\.)downsample\.", r"\1shortcut.", key)
+
+
+def torch_weights(source: Any) -> tuple[dict[str, np.ndarray], str]:
+    """``(state dict under flaxres names, layout)`` for anything :func:`load_state_dict` reads."""
+    sd = load_state_dict(source)
+    layout = detect_layout(sd)
+    return _to_flaxres_names(sd, layout), layout
+
+
+def head_classes(sd: Mapping[str, np.ndarray]) -> int:
+    """Classes of the classifier head of a state dict under flaxres names."""
+    if "fc.weight" not in sd:
+        raise WeightsError("cannot infer num_classes: no classifier head "
+                           "('fc.weight' or 'linear.weight') in the state dict")
+    return int(sd["fc.weight"].shape[0])
+
+
 def from_torch(model: nnx.Module | str, source: Any, *, strict: bool = True) -> nnx.Module:
     """Loads PyTorch weights into ``model`` in place and returns it.
 
-    ``model`` may be a registry name: the model is built with ``num_classes`` read from
-    ``fc.weight``. ``source`` is anything :func:`load_state_dict` reads. Mis-shaped keys always
-    fail; with ``strict`` missing and unexpected keys fail too (PyTorch's ``load_state_dict``
-    rules); all problems are reported in one :class:`ConversionError`.
+    ``model`` may be a registry name: the model is built with ``num_classes`` read from the
+    head. ``source`` is anything :func:`load_state_dict` reads, in any layout
+    :func:`detect_layout` knows. Mis-shaped keys always fail; with ``strict`` missing and
+    unexpected keys fail too (PyTorch's ``load_state_dict`` rules); all problems are reported in
+    one :class:`ConversionError`.
     """
-    sd = load_state_dict(source)
+    try:
+        sd, layout = torch_weights(source)
+    except WeightsError as e:
+        if isinstance(source, (str, os.PathLike)):
+            raise type(e)(f"{source}: {e}") from e
+        raise
     if isinstance(model, str):
         from flaxres.registry import create_model
 
-        if "fc.weight" not in sd:
-            raise ConversionError(f"cannot infer num_classes for {model!r}: no 'fc.weight' key")
-        model = create_model(model, num_classes=int(sd["fc.weight"].shape[0]))
-    entries = _entries(model)
+        arch, classes = model, head_classes(sd)
+        # Strict: abstract, as every array comes from the file (no initialisation work).
+        model = (nnx.eval_shape(lambda: create_model(arch, num_classes=classes)) if strict
+                 else create_model(arch, num_classes=classes))
+        return load_named(model, sd, strict=strict, layout=layout, arch=arch)
+    return load_named(model, sd, strict=strict, layout=layout)
+
+
+def from_nnx_arrays(model: nnx.Module, flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Arrays saved under dotted nnx paths (an Orbax checkpoint of ``nnx.state``) as a state dict
+    under flaxres' PyTorch names and layouts, so that :func:`load_named` checks them like any
+    other file; paths that ``model`` lacks keep their nnx names and show up as unexpected."""
+    by_path = {".".join(map(str, e.path)): e for e in _entries(model)}
+    out = {}
+    for path, a in flat.items():
+        e = by_path.get(path)
+        if e is None:
+            out[path] = a
+        elif e.layout and a.ndim != len(_TO_TORCH[e.layout]):
+            out[e.key] = a  # mis-shaped: reported with its saved shape
+        else:
+            out[e.key] = a.transpose(_TO_TORCH[e.layout]) if e.layout else a
+    return out
+
+
+def load_named(model: nnx.Module, sd: Mapping[str, np.ndarray], *, strict: bool = True,
+               layout: str = "torchvision", fresh_head: bool = False,
+               arch: str | None = None) -> nnx.Module:
+    """Loads a state dict under flaxres names into ``model``. ``fresh_head``: the ``fc`` weights
+    are neither loaded nor required (the model keeps its new head, e.g. for other classes);
+    ``arch`` names the model in errors."""
+    entries = [e for e in _entries(model) if not (fresh_head and e.key.startswith("fc."))]
+    if fresh_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
     expected = {e.key: e for e in entries}
     bn_prefixes = {e.key.removesuffix("running_var") for e in entries if e.key.endswith("running_var")}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected and not (
+    shown = functools.partial(_file_name, layout=layout)  # errors speak the file's names
+    missing = [shown(k) for k in expected if k not in sd]
+    unexpected = [shown(k) for k in sd if k not in expected and not (
         k.endswith(_IGNORED_SUFFIX) and k.removesuffix(_IGNORED_SUFFIX[1:]) in bn_prefixes)]
-    misshaped = [f"{k}: checkpoint {tuple(sd[k].shape)}, model {e.torch_shape()}"
+    misshaped = [f"{shown(k)}: checkpoint {tuple(sd[k].shape)}, model {e.torch_shape()}"
                  for k, e in expected.items() if k in sd and tuple(sd[k].shape) != e.torch_shape()]
     problems = [(f"{len(v)} {n}", v) for n, v in
                 (("mis-shaped", misshaped), *((("missing", missing), ("unexpected", unexpected))
                                               if strict else ())) if v]
     if problems:
-        raise ConversionError(f"state dict does not fit {type(model).__name__}: " + "; ".join(
-            f"{head}: {', '.join(keys)}" for head, keys in problems))
+        raise ConversionError(
+            f"state dict ({layout} layout{_file_blocks(sd)}) does not fit "
+            f"{arch or type(model).__name__}{_model_blocks(model)}: " + "; ".join(
+                f"{head}: {', '.join(keys)}" for head, keys in problems))
     for k, e in expected.items():
         if k in sd:
             a = sd[k].transpose(_FROM_TORCH[e.layout]) if e.layout else sd[k]
             e.var.set_value(jnp.asarray(a, dtype=e.var.dtype))
     return model
+
+
+def _model_blocks(model: nnx.Module) -> str:
+    layers = [len(getattr(model, f"layer{i + 1}")) for i in range(getattr(model, "num_stages", 0))]
+    return f" ({'-'.join(map(str, layers))} blocks per stage)" if layers else ""
+
+
+def _file_blocks(sd: Mapping[str, np.ndarray]) -> str:
+    """``", 3-3-3 blocks per stage"`` read from ``layerS.B.`` keys: which net the file holds."""
+    blocks: dict[int, int] = {}
+    for k in sd:
+        if m := re.match(r"layer(\d+)\.(\d+)\.", k):
+            blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
+    if not blocks:
+        return ""
+    return ", " + "-".join(str(blocks.get(i, 0)) for i in range(1, max(blocks) + 1)) + \
+        " blocks per stage"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,7 +369,11 @@ def main(argv: list[str] | None = None) -> None:
         nnx.update(model, ckptr.restore(src, nnx.state(model)))
         torch.save(to_torch(model), args.dst)
     else:
-        model = from_torch(args.arch, args.src)
+        try:
+            model = from_torch(args.arch, args.src)
+        except WeightsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         ckptr.save(os.path.abspath(args.dst), nnx.state(model))
         ckptr.wait_until_finished()
     print(f"wrote {args.dst}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,15 @@ linear_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uni
 def _uniform_bias_init(fan_in: int):
     bound = 1.0 / math.sqrt(fan_in)
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class FeatureInfo(NamedTuple):
+    """One entry of :attr:`ResNet.feature_info` (timm's names): where a feature map comes from,
+    its channels and its stride relative to the input."""
+
+    module: str  # "stem", "layer1", ...
+    num_chs: int
+    reduction: int
 
 
 class BatchNorm(nnx.Module):
@@ -243,6 +252,10 @@ class ResNet(nnx.Module):
         self.num_stages = len(layers)
         self.num_features = cin
         self.fc = L.linear(cin, num_classes)
+        stem_reduction = 4 if stem == "imagenet" else 1  # the max-pool belongs to the stem
+        self.feature_info = (FeatureInfo("stem", stem_width, stem_reduction), *(
+            FeatureInfo(f"layer{i + 1}", w * block.expansion, stem_reduction * 2 ** i)
+            for i, w in enumerate(widths)))
 
     def stages(self) -> list[nnx.List]:
         return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
@@ -276,6 +289,41 @@ class ResNet(nnx.Module):
                 outs.append(x)
         return outs
 
+    def forward_features(self, x: jax.Array) -> jax.Array:
+        """The last stage's feature map, before pooling (timm's name)."""
+        return self.features(x)[-1]
+
+    def forward_head(self, x: jax.Array, *, pre_logits: bool = False) -> jax.Array:
+        """Global average pool and classifier of a :meth:`forward_features` map;
+        ``pre_logits=True`` stops at the pooled ``(N, num_features)`` embedding."""
+        pooled = x.mean(axis=(1, 2))
+        if pre_logits:
+            return pooled
+        return self.fc(pooled).astype(ops.accumulation_dtype(self.dtype))
+
+    def forward_intermediates(self, x: jax.Array, indices: int | Sequence[int] | None = None
+                              ) -> tuple[jax.Array, list[jax.Array]]:
+        """``(logits, feature maps)`` from one pass, for transfer learning and dense heads.
+
+        The maps are the stem's and each stage's NHWC outputs, described by
+        :attr:`feature_info`; ``indices`` picks some: an int ``n`` the last ``n``, a sequence
+        those positions (negative ones count from the end). Unlike timm's method of the same
+        name, the first element is the logits, not the unpooled last map.
+        """
+        feats = self.features(x)
+        if indices is None:
+            take = list(range(len(feats)))
+        elif isinstance(indices, int):
+            if not 0 < indices <= len(feats):
+                raise ValueError(f"indices={indices}: this net has {len(feats)} feature maps")
+            take = list(range(len(feats) - indices, len(feats)))
+        else:
+            bad = [i for i in indices if not -len(feats) <= i < len(feats)]
+            if bad:
+                raise ValueError(f"indices {bad} out of range: this net has {len(feats)} "
+                                 "feature maps (stem and stages)")
+            take = list(indices)
+        return self.forward_head(feats[-1]), [feats[i] for i in take]
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.features(x)[-1]
-        return self.fc(x.mean(axis=(1, 2))).astype(ops.accumulation_dtype(self.dtype))
+        return self.forward_head(self.forward_features(x))

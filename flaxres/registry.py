@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -120,15 +121,31 @@ def _unknown_name_error(name: str) -> ValueError:
                       f"{len(_REGISTRY)} names.")
 
 
-def create_model(name: str, *, num_classes: int = 10, seed: int = 0, **overrides: Any) -> ResNet:
-    """Builds a registered architecture with fresh PyTorch-style initial weights.
+def create_model(name: str, *, num_classes: int | None = None, seed: int = 0,
+                 pretrained: str | os.PathLike | None = None,
+                 cache_dir: str | os.PathLike | None = None, sha256: str | None = None,
+                 **overrides: Any) -> ResNet:
+    """Builds a registered architecture, with fresh PyTorch-style initial weights or ``pretrained``.
 
-    ``overrides`` go to :class:`flaxres.models.ResNet`, e.g. ``shortcut="B"``, ``norm=False``,
-    ``dtype=jnp.bfloat16``.
+    ``pretrained``: a PyTorch file (torchvision/timm, akamaster or kuangliu layout), a
+    ``.safetensors`` file, an Orbax directory (a ``train.cifar`` workdir) or an ``https://`` /
+    ``file://`` URL, downloaded once into ``cache_dir`` and checked against ``sha256`` if given
+    (see :mod:`flaxres.weights`). ``num_classes`` defaults to the file's head (10 without
+    weights); another value keeps a fresh head, for fine-tuning. ``overrides`` go to
+    :class:`flaxres.models.ResNet`, e.g. ``shortcut="B"``, ``norm=False``, ``dtype=jnp.bfloat16``.
     """
     if name not in _REGISTRY:
         raise _unknown_name_error(name)
-    return _REGISTRY[name](num_classes=num_classes, rngs=nnx.Rngs(seed), **overrides)
+
+    def build(classes: int) -> ResNet:
+        return _REGISTRY[name](num_classes=classes, rngs=nnx.Rngs(seed), **overrides)
+
+    if pretrained is None:
+        return build(10 if num_classes is None else num_classes)
+    from flaxres.weights import load_pretrained
+
+    return load_pretrained(build, pretrained, num_classes=num_classes, arch=name,
+                           cache_dir=cache_dir, sha256=sha256)
 
 
 def count_params(model: nnx.Module) -> int:

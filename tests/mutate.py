@@ -39,6 +39,7 @@ MODELS = ("tests/test_models.py", "parity/test_forward.py")
 TRAIN = ("tests/test_train.py",)
 OPTIM = ("parity/test_optim.py",)
 CONVERT = ("parity/test_convert.py",)
+PRETRAINED = ("tests/test_pretrained.py",)
 
 MUTANTS = [
     # The ten bugs planted by hand in issue 16.
@@ -58,7 +59,7 @@ MUTANTS = [
            "nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))",
            "nnx.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')", MODELS),
     Mutant("head_max_pool", "flaxres/models.py",
-           "self.fc(x.mean(axis=(1, 2)))", "self.fc(x.max(axis=(1, 2)))", MODELS),
+           "pooled = x.mean(axis=(1, 2))", "pooled = x.max(axis=(1, 2))", MODELS),
     Mutant("convert_kernel_hw_swap", "flaxres/convert.py",
            """_TO_TORCH = {"conv": (3, 2, 0, 1), "linear": (1, 0)}  # HWIO -> OIHW, (in, out) -> (out, in)
 _FROM_TORCH = {"conv": (2, 3, 1, 0), "linear": (1, 0)}""",
@@ -96,6 +97,15 @@ _FROM_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}""", CONVERT),
     Mutant("wgrad_chunk_drops_tail", "flaxres/ops.py",
            "extra = nchunks * per - n", "extra = 0; nchunks = n // per; x, g = x[:nchunks * per], "
            "g[:nchunks * per]", ("tests/test_ops.py",)),
+    Mutant("kuangliu_shortcut_not_renamed", "flaxres/convert.py",
+           'return {_SHORTCUT.sub(r"\\1downsample.", re.sub(r"^linear\\.", "fc.", k)): v',
+           'return {re.sub(r"^linear\\.", "fc.", k): v', PRETRAINED),
+    Mutant("frozen_backbone_still_trains", "train/finetune.py",
+           '"head" if _name(path[0]) == "fc" else "backbone"', '"head"',
+           PRETRAINED + ("-k", "frozen_backbone")),
+    Mutant("download_kept_when_hash_differs", "flaxres/weights.py",
+           "if sha256 and digest.hexdigest() != sha256.lower():",
+           "if False:", PRETRAINED + ("-k", "url")),
     Mutant("multistep_epoch_milestones_per_iteration", "train/optim.py",
            "return [int(m) * steps_per_epoch for m in milestones]",
            "return [int(m) for m in milestones]", OPTIM),

@@ -214,7 +214,7 @@ def test_cli_onednn_without_extension_is_a_clear_error(prog, monkeypatch, capsys
     """--cpu-conv onednn where the extension is missing: exit 2, one line naming the flag and
     the cause (an A/B measurement must not silently time XLA)."""
     from parity.speed import cli
-    from train import cifar, loop
+    from train import cifar
 
     monkeypatch.setattr(onednn, "_load_once", lambda: "simulated: extension not built")
     parse = cli.parse_args if prog == "parity.speed" else cifar.parse_args

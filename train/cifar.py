@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("--mean and --std take three numbers (R G B)")
     if cfg.cpu_conv == "onednn" and (reason := onednn.unavailable_reason()):
         p.error(f"--cpu-conv onednn: {reason}")
+    if cfg.freeze_backbone and not cfg.init_from:
+        p.error("--freeze-backbone needs --init-from PATH")
     if cfg.peer_timeout <= 0:
         p.error(f"--peer-timeout {cfg.peer_timeout}: must be a positive number of seconds")
     return cfg

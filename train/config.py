@@ -70,6 +70,12 @@ class Config:
                        "through jax.ffi, needs the C++ extension; docs/onednn.md); other "
                        "platforms always use their own", choices=("xla", "onednn"))
     log_every: int = _f(20, "progress-bar refresh interval in steps (each refresh syncs)")
+    init_from: str | None = _f(None, "start from these weights: a .pth/.pt/.th (torchvision, "
+                               "akamaster or kuangliu layout), .safetensors, Orbax workdir or "
+                               "https:// / file:// URL; a head for other classes is replaced by "
+                               "a fresh one (fine-tuning)")
+    freeze_backbone: bool = _f(False, "with --init-from: train only the classifier head (fc); "
+                               "BatchNorm statistics still adapt, as in PyTorch")
     resume: bool = _f(False, "continue from <workdir>/checkpoints/last")
     eval_only: bool = _f(False, "only evaluate --checkpoint on the test set")
     checkpoint: str | None = _f(None, "checkpoint for --eval-only / --predict: a workdir, its "

@@ -29,13 +29,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import flaxres
-from train import checkpoint, data, optim, parallel, steps
+from train import checkpoint, data, finetune, optim, parallel, steps
 from train.config import Config
 from train.report import Report
 
 # Fields a resumed run must share with its checkpoint (others, e.g. --epochs, may change).
 RESUME_FIXED = ("arch", "dataset", "batch_size", "seed", "subset", "val_split", "precision",
-                "augment", "mean", "std")
+                "augment", "mean", "std", "freeze_backbone")
 
 
 class Diverged(RuntimeError):
@@ -136,7 +136,9 @@ def setup(cfg: Config, arrays: data.Arrays | None, steps_per_epoch: int = 1) -> 
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {ndev} devices")
     schedule = cfg.lr_schedule(steps_per_epoch)
     tx = optim.sgd(schedule, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    train_def, eval_def, state = steps.init_state(build_model(cfg), tx, cfg.seed)
+    tx = finetune.head_only(tx) if cfg.freeze_backbone else tx
+    train_def, eval_def, state = steps.init_state(finetune.initial_model(cfg, build_model), tx,
+                                                  cfg.seed)
     static = {"mean": cfg.mean, "std": cfg.std}
     run = Run(mesh=mesh, replicated=parallel.replicated(mesh), schedule=schedule,
               state=parallel.replicate(state, mesh), eval_def=eval_def,
