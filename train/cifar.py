@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
                   file=sys.stderr)
             raise SystemExit(2) from None
     enable_compilation_cache()
+    jax.config.update("jax_default_matmul_precision",
+                      {"tf32": "tensorfloat32", "highest": "highest"}[cfg.matmul_precision])
     try:
         if cfg.predict:
             inference.predict(cfg)

@@ -66,6 +66,10 @@ class Config:
                             "the same for every seed (quick runs)")
     seed: int = _f(0, "seed for initial weights, data order, augmentation and the val split")
     precision: str = _f("fp32", "compute dtype (parameters stay fp32)", choices=("fp32", "bf16"))
+    matmul_precision: str = _f("tf32", "fp32 matmul/convolution precision on GPUs: 'tf32' lets "
+                               "them use TensorFloat-32 (as PyTorch's cuDNN convolutions do by "
+                               "default), 'highest' computes true fp32; the CPU always computes "
+                               "fp32", choices=("tf32", "highest"))
     cpu_conv: str = _f("xla", "who runs fp32 convolutions on the CPU: 'xla' or 'onednn' (oneDNN "
                        "through jax.ffi, needs the C++ extension; docs/onednn.md); other "
                        "platforms always use their own", choices=("xla", "onednn"))
