@@ -27,8 +27,17 @@ from flax import nnx
 import flaxres
 from flaxres.convert import from_torch, named_arrays, to_torch
 from parity import flax_side, torch_side
-from parity.cases import (TOL, TRAJ_BASE_LR, TRAJ_BOUNDARIES, TRAJ_CHAOS_LIMIT, TRAJ_MOMENTUM,
-                          TRAJ_STEPS, TRAJ_WARMUP, TRAJ_WEIGHT_DECAY, Arch)
+from parity.cases import (
+    TOL,
+    TRAJ_BASE_LR,
+    TRAJ_BOUNDARIES,
+    TRAJ_CHAOS_LIMIT,
+    TRAJ_MOMENTUM,
+    TRAJ_STEPS,
+    TRAJ_WARMUP,
+    TRAJ_WEIGHT_DECAY,
+    Arch,
+)
 from parity.measure import Measure, one_sided, rel_err, same_classes, worst
 from train.optim import multistep_schedule, sgd
 

@@ -57,13 +57,42 @@ def _recording(r: _Relus) -> Iterator[_Relus]:
         _STACK.pop()
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _block(call, graphdef, state, x, given):
+def _block_impl(call, graphdef, state, x, given):
     """One block's own ``__call__``: output, its new BatchNorm statistics, its ReLU record."""
     block = nnx.merge(graphdef, state, copy=True)
     with _recording(_Relus(given)) as r:
         y = call(block, x)
     return y, nnx.state(block, nnx.BatchStat), r.seen
+
+
+_block_jit = jax.jit(_block_impl, static_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _block_vjp(call, graphdef, state, x, given, gy):
+    """The block's vjp, its forward recomputed: one executable per kind of block."""
+    _, vjp = jax.vjp(lambda s, v: _block_impl(call, graphdef, s, v, given)[0], state, x)
+    return vjp(gy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _block(call, graphdef, state, x, given):
+    return _block_jit(call, graphdef, state, x, given)
+
+
+def _block_fwd(call, graphdef, state, x, given):
+    return _block_jit(call, graphdef, state, x, given), (state, x, given)
+
+
+def _block_bwd(call, graphdef, residuals, cotangents):
+    state, x, given = residuals
+    g_state, g_x = _block_vjp(call, graphdef, state, x, given, cotangents[0])
+    return g_state, g_x, None
+
+
+# Under an outer (un-jitted) gradient, a block runs its compiled forward and, backwards, one
+# compiled vjp: JAX's own differentiation of a jitted call would compile each block three times.
+_block.defvjp(_block_fwd, _block_bwd)
 
 
 @contextlib.contextmanager

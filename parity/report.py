@@ -21,7 +21,7 @@ import time
 import jax
 import torch
 
-from parity.cases import BY_ID, CASES, PRECISIONS, TOL, TRAJ_TINY
+from parity.cases import BY_ID, PRECISIONS, TOL, TRAJ_TINY
 from parity.checks import Case
 from parity.measure import FLOOR_FACTOR, Measure
 from parity.schedules import check_schedules

@@ -19,8 +19,12 @@ from parity import torch_side
 from parity.cases import TOL
 from parity.measure import Measure, worst
 from train.config import Config
-from train.optim import (PAPER_BOUNDARIES, PAPER_TOTAL_STEPS, epoch_milestones_to_steps,
-                         multistep_schedule)
+from train.optim import (
+    PAPER_BOUNDARIES,
+    PAPER_TOTAL_STEPS,
+    epoch_milestones_to_steps,
+    multistep_schedule,
+)
 
 
 def torch_scheduler(cfg: Config, opt: torch.optim.Optimizer, steps_per_epoch: int

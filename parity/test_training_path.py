@@ -12,28 +12,27 @@ moves the result far beyond the tolerance.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flax import nnx
 
-jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-import flaxres  # noqa: E402
-from flaxres.convert import from_torch, named_arrays  # noqa: E402
-from parity.measure import rel_err  # noqa: E402
-from parity.reference import create_torch_model  # noqa: E402
-from parity.schedules import torch_scheduler  # noqa: E402
-from train import steps, synthetic  # noqa: E402
-from train.config import Config  # noqa: E402
+import flaxres
+from flaxres.convert import from_torch, named_arrays
+from parity.measure import rel_err
+from parity.reference import create_torch_model
+from parity.schedules import torch_scheduler
+from train import steps, synthetic
+from train.config import Config
 
 N_TRAIN, BATCH, EPOCHS = 32, 8, 4
 SPE = N_TRAIN // BATCH
 TOL = {"loss": 1e-5, "state": 1e-4, "lr": 1e-6}
-COMMON = dict(arch="resnet8", batch_size=BATCH, epochs=EPOCHS, lr=0.1, momentum=0.9,
-              weight_decay=5e-3, augment=False)
+COMMON = {"arch": "resnet8", "batch_size": BATCH, "epochs": EPOCHS, "lr": 0.1, "momentum": 0.9,
+          "weight_decay": 5e-3, "augment": False}
 CONFIGS = {
     "multistep": Config(schedule="multistep", milestones=(2, 3), **COMMON),
     "multistep+warmup": Config(schedule="multistep", milestones=(2, 3), warmup="on",

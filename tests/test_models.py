@@ -10,7 +10,8 @@ from flax import nnx
 
 import flaxres
 from flaxres import BasicBlock, BatchNorm, Bottleneck, PadShortcut
-from flaxres.summary import format_table, main as summary_main, summarize
+from flaxres.summary import format_table, summarize
+from flaxres.summary import main as summary_main
 
 IMAGENET_COUNTS = {
     "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
