@@ -41,28 +41,12 @@ class _Relus:
         return jnp.where(next(self.given), v, jnp.zeros_like(v))
 
 
-_STACK: list[_Relus] = []  # the innermost recorder; only set within jitted_blocks()
-
-
-def _relu(v: jax.Array) -> jax.Array:
-    return _STACK[-1](v) if _STACK else jax.nn.relu(v)
-
-
-@contextlib.contextmanager
-def _recording(r: _Relus) -> Iterator[_Relus]:
-    _STACK.append(r)
-    try:
-        yield r
-    finally:
-        _STACK.pop()
-
-
 def _block_impl(call, graphdef, state, x, given):
     """One block's own ``__call__``: output, its new BatchNorm statistics, its ReLU record."""
-    block = nnx.merge(graphdef, state, copy=True)
-    with _recording(_Relus(given)) as r:
+    block, relus = nnx.merge(graphdef, state, copy=True), _Relus(given)
+    with mock.patch.object(nnx, "relu", relus):  # the block's own ReLUs, within its trace
         y = call(block, x)
-    return y, nnx.state(block, nnx.BatchStat), r.seen
+    return y, nnx.state(block, nnx.BatchStat), relus.seen
 
 
 _block_jit = jax.jit(_block_impl, static_argnums=(0, 1))
@@ -117,8 +101,7 @@ def jitted_blocks(relus: list | None = None) -> Iterator[list]:
     with contextlib.ExitStack() as stack:
         for cls in originals:
             stack.enter_context(mock.patch.object(cls, "__call__", run(cls)))
-        stack.enter_context(mock.patch.object(nnx, "relu", _relu))
-        stack.enter_context(_recording(top))
+        stack.enter_context(mock.patch.object(nnx, "relu", top))  # the stem's ReLU
         yield top.seen
 
 
