@@ -29,7 +29,6 @@ from flaxres.convert import from_torch, named_arrays, to_torch
 from parity import flax_side, torch_side
 from parity.cases import (
     TOL,
-    TRAJ_BASE_LR,
     TRAJ_BOUNDARIES,
     TRAJ_CHAOS_LIMIT,
     TRAJ_MOMENTUM,
@@ -53,8 +52,8 @@ def _schedulers(opt: torch.optim.Optimizer):
                                L.MultiStepLR(opt, milestones=list(TRAJ_BOUNDARIES), gamma=0.1)])
 
 
-def trajectory_schedule() -> optax.Schedule:
-    return multistep_schedule(TRAJ_BASE_LR, TRAJ_BOUNDARIES, warmup_steps=TRAJ_WARMUP)
+def trajectory_schedule(base_lr: float) -> optax.Schedule:
+    return multistep_schedule(base_lr, TRAJ_BOUNDARIES, warmup_steps=TRAJ_WARMUP)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -266,7 +265,7 @@ class Case:
         return self._cached(("torch-traj", precision, momentum, weight_decay),
                             lambda: torch_side.sgd_run(
                                 self.torch_model, self.batches[:TRAJ_STEPS], precision,
-                                TRAJ_BASE_LR, momentum, weight_decay, _schedulers))
+                                self.arch.traj_lr, momentum, weight_decay, _schedulers))
 
     def _flax_trajectory(self, precision: str) -> tuple[list[float], dict[str, np.ndarray]]:
         """flaxres's TRAJ_STEPS: whole-compiled steps for nets of a few blocks, else the
@@ -274,7 +273,8 @@ class Case:
         with jax.enable_x64(precision == "fp64"):
             model = self.model(precision)
             model.train()
-            tx = sgd(trajectory_schedule(), momentum=TRAJ_MOMENTUM, weight_decay=TRAJ_WEIGHT_DECAY)
+            tx = sgd(trajectory_schedule(self.arch.traj_lr), momentum=TRAJ_MOMENTUM,
+                     weight_decay=TRAJ_WEIGHT_DECAY)
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
             opt_state = tx.init(params)
             whole = sum(len(s) for s in model.stages()) <= 4
