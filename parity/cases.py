@@ -106,7 +106,6 @@ PRECISIONS = ("fp32", "fp64")
 # decay where dropping momentum or weight decay moves the result far beyond the tolerance
 # (parity/test_trajectory.py checks that on PyTorch alone).
 TRAJ_STEPS = 20
-TRAJ_BASE_LR = 0.05  # Arch.traj_lr default
 TRAJ_WARMUP = 3
 TRAJ_BOUNDARIES = (10, 15)
 TRAJ_MOMENTUM = 0.9
