@@ -1,30 +1,52 @@
-"""One :class:`parity.checks.Case` per architecture, shared by every parity test file.
+"""Parametrisation shared by the parity tests, and which of them run in the default tier.
 
-The fixture is session-scoped and parametrised, so pytest runs all checks of one architecture
-together and drops its models before building the next (the largest nets hold ~1 GB).
+A test taking ``case`` runs once per architecture of :data:`parity.cases.CASES`; with
+``precision`` too, once per (architecture, fp32/fp64). The ``case`` fixture is session-scoped,
+so pytest runs all checks of one architecture together and drops its models before building the
+next (the largest nets hold ~1 GB). Marked ``full`` (``pytest --full``): float64 outside
+``FP64_DEFAULT``.
 """
+
+from __future__ import annotations
 
 import pytest
 import torch
 
 import flaxres
-from parity.checks import CASES, Case, case_id
+
+from parity.cases import CASES, FP64_DEFAULT, PRECISIONS
+from parity.checks import Case
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fp64_only: a float64-only check over every case: "
+                            "outside FP64_DEFAULT it runs with --full")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "case" not in metafunc.fixturenames:
+        return
+    params = []
+    for arch in CASES:
+        for p in PRECISIONS if "precision" in metafunc.fixturenames else (None,):
+            full = (p == "fp64" and arch.id not in FP64_DEFAULT) or (
+                p is None and "fp64_only" in metafunc.definition.keywords
+                and arch.id not in FP64_DEFAULT)
+            values = (arch, p) if p else (arch,)
+            params.append(pytest.param(*values, id=f"{arch.id}-{p}" if p else arch.id,
+                                       marks=[pytest.mark.full] if full else []))
+    names = ("case", "precision") if "precision" in metafunc.fixturenames else ("case",)
+    metafunc.parametrize(names, params, indirect=["case"], scope="session")
+
+
 @pytest.fixture(scope="session")
-def cpu_ops(request) -> flaxres.CpuOps:
-    """flaxres's CPU paths for every case: ``pytest --cpu-conv onednn`` for oneDNN convolutions."""
-    return flaxres.CpuOps(conv=request.config.getoption("--cpu-conv"))
+def case(request) -> Case:
+    """``pytest --cpu-conv onednn`` runs every case with oneDNN's CPU convolutions."""
+    return Case(request.param, cpu_ops=flaxres.CpuOps(conv=request.config.getoption("--cpu-conv")))
 
 
-@pytest.fixture(scope="session", params=CASES, ids=[case_id(n, o) for n, o in CASES])
-def case(request, cpu_ops) -> Case:
-    name, overrides = request.param
-    return Case(name, overrides, cpu_ops=cpu_ops)
-
-
-def assert_measures(measures) -> None:
+def assert_measures(*measures) -> None:
     bad = [str(m) for m in measures if not m.ok]
     assert not bad, "\n".join(bad)

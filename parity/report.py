@@ -1,13 +1,14 @@
-"""``python -m parity.report [--arch resnet20,resnet18] [--checks eval,grads]``: the parity table.
+"""``python -m parity.report [--arch resnet20,resnet18] [--checks eval,grads] [--full]``: the
+parity table.
 
-Rows are architectures, columns the checks of :mod:`parity.checks`. Each cell is the worst
-relative error of flaxres against PyTorch float64 with flaxres in float64 (the "same function"
-proof) and in fp32; where fp32 exceeds the tolerance, PyTorch fp32's own error against float64
-follows in brackets (fp32 passes within FLOOR_FACTOR of it), and "(kinks)" says the fp32
-gradients were measured against float64 on fp32's side of every ReLU kink (see
-``Case.check_grads``). A ``✗`` marks a failure; below the
-table each failure names the tensor or layer where it is worst. The trajectory runs for ``parity.checks.TRAJ_CASES`` unless
-``FLAXRES_PARITY_FULL=1``. Exits 1 if anything failed.
+Rows are architectures (every registered one and its variants, then the tiny trajectory nets),
+columns the checks of :mod:`parity.checks`. Each cell is the worst relative error of flaxres
+against PyTorch float64 with flaxres in float64 (the "same function" proof) and in fp32; where
+fp32 exceeds the tolerance, PyTorch fp32's own error against float64 follows in brackets (fp32
+passes within FLOOR_FACTOR of it), and "(kinks)" says the fp32 gradients were measured against
+PyTorch float64 on flaxres fp32's side of every ReLU kink (see ``Case.check_grads``). A ``✗``
+marks a failure; below the table each failure names the tensor where it is worst. Trajectories
+run for the tiny nets, and with ``--full`` for every architecture. Exits 1 if anything failed.
 """
 
 from __future__ import annotations
@@ -22,20 +23,12 @@ import torch
 
 import flaxres
 from flaxres.cpu import onednn
-from parity.checks import (
-    CASES,
-    CHECKS,
-    FLOOR_FACTOR,
-    TOL,
-    TRAJ_CASES,
-    TRAJ_FULL,
-    Case,
-    Measure,
-    case_id,
-    check_schedules,
-    run_case,
-)
+from parity.cases import BY_ID, PRECISIONS, TOL, TRAJ_TINY
+from parity.checks import Case
+from parity.measure import FLOOR_FACTOR, Measure
+from parity.schedules import check_schedules
 
+CHECKS = ("eval", "train", "features", "grads", "optim", "trajectory", "checkpoint")
 _COLUMNS = ("eval", "train", "features", "grads", "optim", "traj_loss", "traj_state", "checkpoint")
 
 
@@ -49,36 +42,59 @@ def _cell(fp64: Measure | None, fp32: Measure | None) -> str:
     return s + ("" if all(m.ok for m in (fp64, fp32) if m) else " ✗")
 
 
+def run_case(case: Case, checks: list[str], trajectory: bool) -> list[Measure]:
+    out = []
+    for c in checks:
+        if c in ("optim",):
+            out.append(case.check_optim())
+        elif c == "checkpoint":
+            out.append(case.check_checkpoint())
+        elif c == "trajectory":
+            out += [m for p in PRECISIONS for m in case.check_trajectory(p)] if trajectory else []
+        else:
+            out += [getattr(case, f"check_{c}")(p) for p in PRECISIONS]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m parity.report", description=__doc__.split("\n")[0])
     p.add_argument("--arch", default=None, help="comma-separated case ids (default: all)")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"subset of {','.join(CHECKS)}")
     p.add_argument("--cpu-conv", choices=("xla", "onednn"), default="xla",
                    help="CPU convolutions of the flaxres models (CpuOps.conv; docs/onednn.md)")
+    p.add_argument("--full", action="store_true",
+                   help="trajectories for every architecture too (as pytest --full)")
     args = p.parse_args(argv)
     if args.cpu_conv == "onednn" and (reason := onednn.unavailable_reason()):
         p.error(f"--cpu-conv onednn: {reason}")
-    cpu_ops = flaxres.CpuOps(conv=args.cpu_conv)
-    cases = CASES if args.arch is None else [c for c in CASES if case_id(*c) in args.arch.split(",")]
-    if args.arch and not cases:
-        p.error(f"no such case; choose from {', '.join(case_id(*c) for c in CASES)}")
+    tiny = {a.id: a for a in TRAJ_TINY}
+    every = {**BY_ID, **tiny}
+    ids = list(every) if args.arch is None else args.arch.split(",")
+    unknown = [i for i in ids if i not in every]
+    if unknown:
+        p.error(f"--arch: no such case {', '.join(unknown)}; choose from {', '.join(every)}")
     checks = args.checks.split(",")
+    bad = [c for c in checks if c not in CHECKS]
+    if bad:
+        p.error(f"--checks: unknown {', '.join(bad)}; choose from {','.join(CHECKS)}")
     print(f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), jax {jax.__version__}, CPU convolutions "
           f"{args.cpu_conv}. Cells: worst relative error "
           f"||flaxres - torch|| / ||torch|| per tensor against PyTorch float64, flaxres float64 · "
           f"flaxres fp32 [PyTorch fp32's own error, where fp32 exceeds the tolerance; fp32 passes "
-          f"within {FLOOR_FACTOR:g}x of it]; (kinks): fp32 gradients against float64 on fp32's "
-          f"side of every ReLU kink. Tolerances: "
+          f"within {FLOOR_FACTOR:g}x of it]; (kinks): fp32 gradients against PyTorch float64 on "
+          f"flaxres fp32's side of every ReLU kink. Tolerances: "
           + ", ".join(f"{c} {TOL[c]:.0e}" for c in _COLUMNS) + "\n")
     print("| architecture | input | " + " | ".join(_COLUMNS) + " | time |")
     print("|---" * (len(_COLUMNS) + 3) + "|")
     failures, notes = [], []
-    for name, overrides in cases:
+    for cid in ids:
         t = time.perf_counter()
-        case = Case(name, overrides, cpu_ops=cpu_ops)
-        todo = [c for c in checks if c != "trajectory" or TRAJ_FULL or case.id in TRAJ_CASES]
-        measures = {(m.check, m.precision): m for m in run_case(case, todo)}
+        case = Case(every[cid], cpu_ops=flaxres.CpuOps(conv=args.cpu_conv))
+        todo = ["trajectory"] if cid in tiny else checks
+        measures = {(m.check, m.precision): m
+                    for m in run_case(case, [c for c in todo if c in checks],
+                                      trajectory=args.full or cid in tiny)}
         failures += [(case.id, m) for m in measures.values() if not m.ok]
         notes += [(case.id, m) for m in measures.values() if m.ok and m.note]
         print(f"| {case.id} | {case.batch}x{case.hw}x{case.hw} | "
@@ -86,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                            for c in _COLUMNS)
               + f" | {time.perf_counter() - t:.0f}s |", flush=True)
         del case
-    sched = check_schedules()[0]
-    failures += [("schedules", sched)] if not sched.ok else []
-    print(f"\nSchedules vs MultiStepLR / ConstantLR warm-up, every iteration of 64k: {sched}")
+    schedules = check_schedules()
+    failures += [("schedules", m) for m in schedules if not m.ok]
+    print(f"\nSchedules vs PyTorch's schedulers, every iteration ({len(schedules)} schedules): "
+          f"worst {max(schedules, key=lambda m: m.error)}")
     for cid, m in notes:
         print(f"note {cid}: {m}")
     for cid, m in failures:

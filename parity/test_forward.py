@@ -1,25 +1,27 @@
-"""Checks 1-3: eval logits, train logits + BatchNorm running statistics, per-stage activations."""
+"""Eval logits, train logits + BatchNorm running statistics, per-stage features: the model's own
+``__call__`` and ``features`` against PyTorch float64."""
 
 import pytest
 
-from parity.checks import SUBSETS, Case, case_id
+from parity.cases import BLOCKWISE_DEFAULT, BLOCKWISE_FULL, BY_ID
+from parity.checks import Case
 from parity.conftest import assert_measures
 
 
-def test_eval_logits(case: Case):
-    assert_measures(case.check_eval())
+def test_eval_logits(case: Case, precision: str):
+    assert_measures(case.check_eval(precision))
 
 
-def test_train_logits_and_bn_stats(case: Case):
-    assert_measures(case.check_train())
+def test_train_logits_and_bn_stats(case: Case, precision: str):
+    assert_measures(case.check_train(precision))
 
 
-def test_stage_features(case: Case):
-    assert_measures(case.check_features())
+def test_stage_features(case: Case, precision: str):
+    assert_measures(case.check_features(precision))
 
 
-@pytest.mark.parametrize("name,overrides", SUBSETS["blockwise"],
-                         ids=[case_id(*c) for c in SUBSETS["blockwise"]])
-def test_blockwise_equals_whole_model(name: str, overrides: dict, cpu_ops):
-    """The jitted block-by-block path the other checks use is the model's own function."""
-    assert_measures(Case(name, overrides, cpu_ops=cpu_ops).check_blockwise())
+@pytest.mark.parametrize("cid", [*BLOCKWISE_DEFAULT,
+                                 *(pytest.param(c, marks=pytest.mark.full) for c in BLOCKWISE_FULL)])
+def test_blockwise_equals_plain_model(cid: str):
+    """Diagnostic: the jitted-blocks path of the other checks is the plain model's function."""
+    assert_measures(Case(BY_ID[cid]).check_blockwise())

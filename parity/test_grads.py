@@ -1,8 +1,8 @@
-"""Check 4: gradients of the cross-entropy w.r.t. every parameter."""
+"""Gradients of the trainer's loss w.r.t. every parameter, through the model's own ``__call__``."""
 
 from parity.checks import Case
 from parity.conftest import assert_measures
 
 
-def test_grads(case: Case):
-    assert_measures(case.check_grads())
+def test_grads(case: Case, precision: str):
+    assert_measures(case.check_grads(precision))

@@ -1,7 +1,8 @@
-"""Check 5: train.optim.sgd equals torch.optim.SGD; its schedules equal PyTorch's schedulers."""
+"""train.optim.sgd equals torch.optim.SGD; its schedules equal PyTorch's schedulers."""
 
-from parity.checks import Case, check_schedules
+from parity.checks import Case
 from parity.conftest import assert_measures
+from parity.schedules import check_schedules
 
 
 def test_sgd_step(case: Case):
@@ -9,4 +10,4 @@ def test_sgd_step(case: Case):
 
 
 def test_schedules_match_pytorch():
-    assert_measures(check_schedules())
+    assert_measures(*check_schedules())

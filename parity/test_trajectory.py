@@ -1,17 +1,46 @@
-"""Check 6: a 20-step training trajectory (warm-up and two lr drops) in both frameworks.
+"""20 SGD steps (warm-up, two lr drops) in both frameworks, through the model's own code.
 
-Runs for the nets in ``parity.checks.TRAJ_CASES`` (one of each kind); the others say so when
-skipped. ``FLAXRES_PARITY_FULL=1`` runs it for every registered architecture.
+Default tier: one tiny net per block kind (``parity.cases.TRAJ_TINY``: Basic with shortcuts
+A/B/C, plain without BatchNorm, Bottleneck, grouped, ImageNet stem), in float64 (the proof) and
+fp32 (held to PyTorch fp32's own drift). ``--full``: every registered architecture as well.
 """
 
+import numpy as np
 import pytest
 
-from parity.checks import TRAJ_CASES, TRAJ_FULL, Case
+from parity.cases import PRECISIONS, TOL, TRAJ_TINY
+from parity.checks import Case
 from parity.conftest import assert_measures
+from parity.measure import rel_err
+
+_TINY = {a.id: a for a in TRAJ_TINY}
 
 
-def test_trajectory(case: Case):
-    if not TRAJ_FULL and case.id not in TRAJ_CASES:
-        pytest.skip(f"trajectory of {case.id} runs with FLAXRES_PARITY_FULL=1 "
-                    f"(by default only for {', '.join(sorted(TRAJ_CASES))})")
-    assert_measures(case.check_trajectory())
+@pytest.fixture(scope="module")
+def tiny(request) -> Case:
+    return Case(_TINY[request.param])
+
+
+@pytest.mark.parametrize("tiny", list(_TINY), indirect=True)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_tiny_trajectory(tiny: Case, precision: str):
+    assert_measures(*tiny.check_trajectory(precision))
+
+
+@pytest.mark.parametrize("tiny", ["tiny-basic-A", "tiny-bottleneck-B"], indirect=True)
+def test_momentum_and_weight_decay_matter(tiny: Case):
+    """At the trajectory's lr, dropping momentum or weight decay moves PyTorch's own float64
+    result by far more than the tolerance: the check would see either bug."""
+    _, ref = tiny.torch_trajectory("fp64")
+    for kw in ({"momentum": 0.0}, {"weight_decay": 0.0}):
+        _, other = tiny.torch_trajectory("fp64", **kw)
+        moved = max(rel_err(other[k], v) for k, v in ref.items() if "running" not in k)
+        assert moved > 10 * TOL["traj_state"], (kw, moved)
+    losses, _ = tiny.torch_trajectory("fp64")
+    assert np.isfinite(losses).all()
+
+
+@pytest.mark.full
+def test_trajectory(case: Case, precision: str):
+    assert_measures(*case.check_trajectory(precision))
+

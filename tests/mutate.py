@@ -35,20 +35,30 @@ class Mutant:
     tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
 
 
-MODELS = ("tests/test_models.py", "parity/test_forward.py")
+def _forward(*case_ids: str) -> tuple[str, ...]:
+    """The fp32 forward checks (eval, train + BN stats, features) of these parity cases."""
+    return tuple(f"parity/test_forward.py::{t}[{c}-fp32]" for c in case_ids
+                 for t in ("test_eval_logits", "test_train_logits_and_bn_stats",
+                           "test_stage_features"))
+
+
+MODELS = ("tests/test_models.py",) + _forward("resnet20", "resnet18", "resnet50")
 TRAIN = ("tests/test_train.py",)
-OPTIM = ("parity/test_optim.py",)
-CONVERT = ("parity/test_convert.py",)
 PRETRAINED = ("tests/test_pretrained.py",)
+TRAINING_PATH = ("parity/test_training_path.py",)
+SCHEDULES = ("parity/test_optim.py::test_schedules_match_pytorch",) + TRAINING_PATH
+OPTIM = ("parity/test_optim.py::test_sgd_step[resnet20]",) + TRAINING_PATH
+CONVERT = ("parity/test_layouts.py", "parity/test_convert.py")
 
 MUTANTS = [
     # The ten bugs planted by hand in issue 16.
     Mutant("cosine_warmup_total", "train/optim.py",
            "optax.cosine_decay_schedule(base_lr, max(total_steps - warmup_steps, 1))",
-           "optax.cosine_decay_schedule(base_lr, total_steps)", OPTIM),
+           "optax.cosine_decay_schedule(base_lr, total_steps)", SCHEDULES),
     Mutant("trainer_no_weight_decay", "train/loop.py",
-           "optim.sgd(schedule, cfg.momentum, cfg.weight_decay, cfg.nesterov)",
-           "optim.sgd(schedule, cfg.momentum, 0.0, cfg.nesterov)", OPTIM + TRAIN),
+           "tx = cfg.optimizer(steps_per_epoch)",
+           "tx = optim.sgd(cfg.lr_schedule(steps_per_epoch), cfg.momentum, 0.0, cfg.nesterov)",
+           TRAIN),
     Mutant("sgd_decay_after_momentum", "train/optim.py",
            """        optax.add_decayed_weights(weight_decay),
         optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),""",
@@ -73,7 +83,8 @@ _FROM_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}""", CONVERT),
            "lo = (self.cout - self.cin) // 2", "lo = 0", MODELS),
     Mutant("train_step_stale_bn_stats", "train/steps.py",
            "TrainState(optax.apply_updates(state.params, updates), stats,",
-           "TrainState(optax.apply_updates(state.params, updates), state.batch_stats,", TRAIN),
+           "TrainState(optax.apply_updates(state.params, updates), state.batch_stats,",
+           TRAINING_PATH + TRAIN),
     # Our own.
     Mutant("bn_momentum_flipped", "flaxres/models.py",
            "self.mean[...] = (1 - m) * self.mean[...] + m * mean",
@@ -108,7 +119,22 @@ _FROM_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}""", CONVERT),
            "if False:", PRETRAINED + ("-k", "url")),
     Mutant("multistep_epoch_milestones_per_iteration", "train/optim.py",
            "return [int(m) * steps_per_epoch for m in milestones]",
-           "return [int(m) for m in milestones]", OPTIM),
+           "return [int(m) for m in milestones]", SCHEDULES),
+    Mutant("config_optimizer_no_weight_decay", "train/config.py",
+           "optim.sgd(self.lr_schedule(steps_per_epoch), self.momentum, self.weight_decay,",
+           "optim.sgd(self.lr_schedule(steps_per_epoch), self.momentum, 0.0,", TRAINING_PATH),
+    Mutant("warmup_lr_not_divided", "train/optim.py",
+           "warm = optax.constant_schedule(base_lr / 10 if warmup_lr is None else warmup_lr)",
+           "warm = optax.constant_schedule(base_lr if warmup_lr is None else warmup_lr)", SCHEDULES),
+    Mutant("features_stem_before_maxpool", "flaxres/models.py",
+           """            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        outs = [x]""",
+           """            outs = [x]
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        outs = outs if self.stem == "imagenet" else [x]""", MODELS),
+    Mutant("linear_kernel_not_transposed", "flaxres/convert.py",
+           '_FROM_TORCH = {"conv": (2, 3, 1, 0), "linear": (1, 0)}',
+           '_FROM_TORCH = {"conv": (2, 3, 1, 0), "linear": (0, 1)}', CONVERT),
 ]
 
 

@@ -10,7 +10,8 @@ from flax import nnx
 
 import flaxres
 from flaxres import BasicBlock, BatchNorm, Bottleneck, PadShortcut
-from flaxres.summary import format_table, main as summary_main, summarize
+from flaxres.summary import format_table, summarize
+from flaxres.summary import main as summary_main
 
 IMAGENET_COUNTS = {
     "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
@@ -32,14 +33,19 @@ CIFAR_COUNTS = {
 }
 
 
+def shapes_only(name: str, **kw) -> flaxres.ResNet:
+    """The model's structure without computing its weights (counts need only shapes)."""
+    return nnx.eval_shape(lambda: flaxres.create_model(name, **kw))
+
+
 @pytest.mark.parametrize("name,count", sorted(IMAGENET_COUNTS.items()))
 def test_imagenet_param_counts(name, count):
-    assert flaxres.count_params(flaxres.create_model(name, num_classes=1000)) == count
+    assert flaxres.count_params(shapes_only(name, num_classes=1000)) == count
 
 
 @pytest.mark.parametrize("name,count", sorted(CIFAR_COUNTS.items()))
 def test_cifar_param_counts(name, count):
-    assert flaxres.count_params(flaxres.create_model(name)) == count
+    assert flaxres.count_params(shapes_only(name)) == count
 
 
 def test_every_registered_name_is_counted():
@@ -169,7 +175,11 @@ def test_bf16_compute_keeps_fp32_params():
     assert model.features(jnp.ones((2, 32, 32, 3)))[-1].dtype == jnp.bfloat16
     ref = flaxres.create_model("resnet20")
     x = jax.random.normal(jax.random.key(3), (4, 32, 32, 3))
-    np.testing.assert_allclose(model(x), ref(x), rtol=0.1, atol=0.1)
+    # Measured: 5.3e-3 relative (max abs 0.013 on logits of magnitude 2.3) on this input; the
+    # bound is 4x that, and the floor proves the logits really went through bf16.
+    a, b = np.asarray(model(x), np.float64), np.asarray(ref(x), np.float64)
+    rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert 1e-4 < rel < 2e-2, rel
 
 
 def test_init_matches_pytorch_scheme():
@@ -177,7 +187,14 @@ def test_init_matches_pytorch_scheme():
     k = model.layer3[0].conv2.kernel[...]
     fan_out = k.shape[0] * k.shape[1] * k.shape[3]
     assert abs(float(k.std()) / math.sqrt(2 / fan_out) - 1) < 0.05
-    assert float(jnp.abs(model.fc.kernel[...]).max()) <= 1 / math.sqrt(64)
+    # nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias: bounded, and filling
+    # the interval (an all-zero or too-narrow init fails), std of a uniform = bound / sqrt(3).
+    bound = 1 / math.sqrt(64)
+    fc = np.asarray(model.fc.kernel[...])
+    assert 0.9 * bound <= np.abs(fc).max() <= bound
+    assert abs(fc.std() / (bound / math.sqrt(3)) - 1) < 0.1
+    fc_bias = np.asarray(model.fc.bias[...])
+    assert np.abs(fc_bias).max() <= bound and fc_bias.std() > 0.2 * bound
     np.testing.assert_array_equal(model.bn1.scale[...], 1)
     np.testing.assert_array_equal(model.bn1.bias[...], 0)
     same = flaxres.create_model("resnet56", seed=3)

@@ -10,6 +10,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import optax
+
 from train import optim
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the seeds' normalisation (kuangliu / akamaster)
@@ -127,6 +129,12 @@ class Config:
             ms = self.milestones or [m for m in (epochs // 2, epochs * 3 // 4) if m > 0]
             bounds = optim.epoch_milestones_to_steps(ms, steps_per_epoch)
         return optim.multistep_schedule(self.lr, bounds, warmup_steps=warm)
+
+    def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
+        """The flags' SGD (PyTorch semantics) on their lr schedule: what the trainer steps with,
+        in one place so that parity/test_training_path.py checks the very same object."""
+        return optim.sgd(self.lr_schedule(steps_per_epoch), self.momentum, self.weight_decay,
+                         self.nesterov)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

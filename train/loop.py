@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import flaxres
-from train import checkpoint, data, finetune, optim, parallel, steps
+from train import checkpoint, data, finetune, parallel, steps
 from train.config import Config
 from train.report import Report
 
@@ -134,13 +134,13 @@ def setup(cfg: Config, arrays: data.Arrays | None, steps_per_epoch: int = 1) -> 
     ndev = mesh.devices.size
     if cfg.batch_size % ndev:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {ndev} devices")
-    schedule = cfg.lr_schedule(steps_per_epoch)
-    tx = optim.sgd(schedule, cfg.momentum, cfg.weight_decay, cfg.nesterov)
+    tx = cfg.optimizer(steps_per_epoch)
     tx = finetune.head_only(tx) if cfg.freeze_backbone else tx
     train_def, eval_def, state = steps.init_state(finetune.initial_model(cfg, build_model), tx,
                                                   cfg.seed)
     static = {"mean": cfg.mean, "std": cfg.std}
-    run = Run(mesh=mesh, replicated=parallel.replicated(mesh), schedule=schedule,
+    run = Run(mesh=mesh, replicated=parallel.replicated(mesh),
+              schedule=cfg.lr_schedule(steps_per_epoch),
               state=parallel.replicate(state, mesh), eval_def=eval_def,
               eval_batch_size=max(ndev, cfg.eval_batch_size // ndev * ndev), **static,
               train_step=steps.jit_train_step(mesh, train_def, tx, batch_size=cfg.batch_size,

@@ -1,6 +1,7 @@
-"""Same recipe, two frameworks: flaxres (``train.cifar``) vs a plain PyTorch loop, over seeds.
+"""Same recipe, two frameworks: flaxres (``train.cifar``) vs a plain PyTorch loop, over seeds:
+the accuracy-level parity check.
 
-    python -m train.compare_torch --arch resnet20 --data-dir ../shared/data/cifar10-jpeg.tar.gz \\
+    python -m parity.accuracy --arch resnet20 --data-dir ../shared/data/cifar10-jpeg.tar.gz \\
         --epochs 3 --subset 10000 --seeds 0 1 2 --json compare.json
 
 Both sides get the same arrays, batch size, epochs, per-iteration lr schedule (the very optax
@@ -20,15 +21,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from parity.reference import create_torch_model
 from train import cifar, loop
 from train.config import Config
 
 
 def torch_augment(x, gen):
     """uint8 NHWC -> uint8 NHWC: zero-pad 4, random 32x32 crop, flip half (vectorised)."""
-    import torch
-
     n = x.shape[0]
     padded = torch.nn.functional.pad(x, (0, 0, 4, 4, 4, 4))
     oy, ox = (torch.randint(0, 9, (n,), generator=gen) for _ in range(2))
@@ -42,10 +43,6 @@ def torch_augment(x, gen):
 
 def train_torch(cfg: Config, threads: int | None = None) -> dict:
     """The PyTorch reference loop for ``cfg`` (CPU), as the popular CIFAR scripts train."""
-    import torch
-
-    from parity.reference import create_torch_model
-
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -112,7 +109,7 @@ def summarize(accs: list[float]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m train.compare_torch", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m parity.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet20", help="architecture (default: resnet20)")
     p.add_argument("--data-dir", required=True, help="CIFAR source, as for train.cifar")
@@ -131,8 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
                    choices=("flax", "torch"), help="which sides to run (default: both)")
     p.add_argument("--threads", type=int, default=None,
                    help="PyTorch intra-op threads (default: PyTorch's choice)")
-    p.add_argument("--json", default="compare_torch.json", help="results file "
-                   "(default: compare_torch.json)")
+    p.add_argument("--json", default="accuracy.json", help="results file "
+                   "(default: accuracy.json)")
     args = p.parse_args(argv)
     cifar.enable_compilation_cache()
     results: dict = {"config": vars(args), "runs": {}}

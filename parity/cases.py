@@ -1,0 +1,115 @@
+"""What the parity suite compares: the architectures, the tiers they run in, the tolerances.
+
+An :class:`Arch` is one network built in both frameworks: a registered flaxres name (plus
+overrides such as ``shortcut="C"``) against :func:`parity.reference.create_torch_model`, or one of
+the tiny nets of ``TRAJ_TINY``, one per block kind, small enough for 20 training steps in the
+default tier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torchvision
+from flax import nnx
+
+import flaxres
+from flaxres.registry import IMAGENET_WIDTHS
+from parity import reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """A network in both frameworks and the input it is checked at."""
+
+    id: str
+    build_flax: Callable[..., flaxres.ResNet]  # (dtype=, param_dtype=) -> fresh model
+    build_torch: Callable[[], torch.nn.Module]  # fresh PyTorch reference
+    batch: int  # > 1: train-mode BatchNorm needs a batch
+    hw: int
+    traj_lr: float = 0.05  # the trajectory's base lr (gentler where fp32 would be chaotic)
+
+
+def input_size(name: str) -> tuple[int, int]:
+    """(batch, height=width): small inputs, chosen so that equal blocks see equal shapes across
+    nets and share one compiled executable (the CIFAR family at 4x16x16; the ImageNet stem at
+    64, which leaves a 2x2 map for the head's mean pool, and the ``_cifar`` variants at 2x16x16
+    give their stages the same shapes)."""
+    if name.startswith("resnext29"):
+        return 4, 8
+    if flaxres.model_stem(name) == "imagenet":
+        return 2, 64
+    if name.endswith("_cifar"):
+        return 2, 16
+    return 4, 16
+
+
+def registered(name: str, **overrides) -> Arch:
+    cid = name + "".join(f"[{k}={v}]" for k, v in overrides.items())
+    return Arch(cid, lambda **kw: flaxres.create_model(name, **overrides, **kw),
+                lambda: reference.create_torch_model(name, **overrides), *input_size(name))
+
+
+# Every registered net plus the no-BN and shortcut variants.
+CASES: list[Arch] = [registered(n) for n in flaxres.list_models()] + [
+    registered("resnet20", norm=False), registered("plain20", norm=False),
+    registered("resnet20", shortcut="B"), registered("resnet20", shortcut="C")]
+BY_ID = {a.id: a for a in CASES}
+
+# The float64 proof in the default tier: a BasicBlock net, a bottleneck net (with the ImageNet
+# stem), a ResNeXt and a plain net without BatchNorm, plus the cheap shortcut variants.
+FP64_DEFAULT = frozenset({"resnet20", "resnet50", "resnext29_8x64d", "plain20[norm=False]",
+                          "resnet20[shortcut=B]", "resnet20[shortcut=C]"})
+# The jitted-blocks path against the plain un-jitted model: every stem, block and norm kind.
+BLOCKWISE_DEFAULT = ("resnet20", "plain20[norm=False]", "resnet20[shortcut=C]")
+BLOCKWISE_FULL = ("resnet18", "resnext29_8x64d", "resnet164")
+
+
+def _tiny(cid: str, flax_fn: Callable[..., flaxres.ResNet], torch_fn: Callable[[], torch.nn.Module],
+          batch: int = 4, hw: int = 8, traj_lr: float = 0.05) -> Arch:
+    return Arch(cid, lambda **kw: flax_fn(rngs=nnx.Rngs(0), **kw), torch_fn, batch, hw, traj_lr)
+
+
+# One tiny net per block kind for the default tier's trajectories.
+TRAJ_TINY: list[Arch] = [
+    _tiny("tiny-basic-A", lambda **kw: flaxres.cifar_resnet(8, **kw),
+          lambda: reference.create_torch_model("resnet8")),
+    _tiny("tiny-basic-B", lambda **kw: flaxres.cifar_resnet(8, shortcut="B", **kw),
+          lambda: reference.create_torch_model("resnet8", shortcut="B")),
+    _tiny("tiny-basic-C", lambda **kw: flaxres.cifar_resnet(8, shortcut="C", **kw),
+          lambda: reference.create_torch_model("resnet8", shortcut="C")),
+    _tiny("tiny-plain-noBN", lambda **kw: flaxres.cifar_resnet(8, shortcut=None, norm=False, **kw),
+          lambda: reference.create_torch_model("plain8", norm=False)),
+    _tiny("tiny-bottleneck-B", lambda **kw: flaxres.cifar_resnet(11, bottleneck=True, **kw),
+          lambda: reference.CifarResNet(reference.Bottleneck, (1, 1, 1), (16, 32, 64), 16,
+                                        shortcut="B")),
+    _tiny("tiny-resnext-4x4d", lambda **kw: flaxres.resnext((1, 1, 1), 4, 4, stem="cifar", **kw),
+          lambda: reference.CifarResNet(reference.Bottleneck, (1, 1, 1), (64, 128, 256), 64,
+                                        shortcut="B", groups=4, width_per_group=4)),
+    _tiny("tiny-imagenet-stem", lambda **kw: flaxres.ResNet(
+        flaxres.BasicBlock, (1, 1, 1, 1), IMAGENET_WIDTHS, stem="imagenet", stem_width=64,
+        shortcut="B", **kw),
+          lambda: torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock,
+                                                   [1, 1, 1, 1], num_classes=10),
+          # At lr 0.05 PyTorch fp32 itself drifts 1.5e-2 from float64 here (chaos guard).
+          batch=2, hw=64, traj_lr=0.01),
+]
+
+TOL = {"schedule": 1e-6, "eval": 1e-5, "train": 1e-5, "features": 1e-5, "grads": 1e-4,
+       "optim": 1e-6, "traj_loss": 1e-4, "traj_state": 1e-3, "checkpoint": 1e-5,
+       "blockwise": 1e-5}
+PRECISIONS = ("fp32", "fp64")
+
+# The trajectory: TRAJ_STEPS of SGD with a constant warm-up and two lr drops, at an lr and weight
+# decay where dropping momentum or weight decay moves the result far beyond the tolerance
+# (parity/test_trajectory.py checks that on PyTorch alone).
+TRAJ_STEPS = 20
+TRAJ_WARMUP = 3
+TRAJ_BOUNDARIES = (10, 15)
+TRAJ_MOMENTUM = 0.9
+TRAJ_WEIGHT_DECAY = 5e-3
+# Where PyTorch fp32 itself ends this far from float64, one fp32 run says nothing about another
+# (chaos): the fp32 trajectory check fails, naming it, instead of passing vacuously.
+TRAJ_CHAOS_LIMIT = 1e-2
