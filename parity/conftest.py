@@ -14,7 +14,7 @@ import torch
 
 import flaxres
 
-from parity.cases import CASES, FP64_DEFAULT, PRECISIONS
+from parity.cases import CASES, FP32_FULL, FP64_DEFAULT, PRECISIONS
 from parity.checks import Case
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -32,6 +32,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     for arch in CASES:
         for p in PRECISIONS if "precision" in metafunc.fixturenames else (None,):
             full = (p == "fp64" and arch.id not in FP64_DEFAULT) or (
+                p == "fp32" and arch.id in FP32_FULL) or (
                 p is None and "fp64_only" in metafunc.definition.keywords
                 and arch.id not in FP64_DEFAULT)
             values = (arch, p) if p else (arch,)
