@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from jax import lax
 
-import flaxres
 from flaxres import ops
 from flaxres.cpu import onednn
 
@@ -118,22 +117,10 @@ def test_concurrent_calls_of_one_primitive_are_correct():
 @needs_extension
 def test_resnet20_grads_onednn_match_xla():
     """Whole-model gradient of ResNet-20 (train mode) with oneDNN convolutions, as plain lax's."""
-    import optax
-    from flax import nnx
+    from test_ops import resnet20_value_and_grad
 
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 32, 32, 3)), jnp.float32)
-    y = jnp.arange(8) % 10
-
-    def grads(cpu_ops):
-        model = flaxres.create_model("resnet20", cpu_ops=cpu_ops)
-        gd, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def loss(p):
-            logits = nnx.merge(gd, p, rest, copy=True)(x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return jax.jit(jax.value_and_grad(loss))(params)
-
-    (l0, g0), (l1, g1) = grads(ops.CpuOps.off()), grads(ONEDNN)
+    (l0, g0), (l1, g1) = (resnet20_value_and_grad(ops.CpuOps.off(), batch=8),
+                          resnet20_value_and_grad(ONEDNN, batch=8))
     assert rel(l1, l0) <= 1e-6
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         assert rel(a, b) <= 1e-4
