@@ -57,7 +57,7 @@ MUTANTS = [
            "optax.cosine_decay_schedule(base_lr, total_steps)", SCHEDULES),
     Mutant("trainer_no_weight_decay", "train/loop.py",
            "tx = cfg.optimizer(steps_per_epoch)",
-           "tx = optim.sgd(cfg.lr_schedule(steps_per_epoch), cfg.momentum, 0.0, cfg.nesterov)",
+           'tx = Config.from_dict({**cfg.to_dict(), "weight_decay": 0.0}).optimizer(steps_per_epoch)',
            TRAIN),
     Mutant("sgd_decay_after_momentum", "train/optim.py",
            """        optax.add_decayed_weights(weight_decay),
