@@ -99,18 +99,31 @@ def _check_sha256(path: Path, sha256: str, what: str) -> None:
                            f"{sha256.lower()}")
 
 
+def newest_step(directory: Path) -> int | None:
+    """The highest numbered step folder in ``directory`` (Orbax's CheckpointManager layout)."""
+    if not directory.is_dir():
+        return None
+    steps = [int(d.name) for d in directory.iterdir() if d.is_dir() and d.name.isdigit()]
+    return max(steps) if steps else None
+
+
+def find_step(path: Path) -> tuple[Path, int] | None:
+    """(manager folder, newest step) under a train.cifar workdir, its ``checkpoints/`` folder
+    (meaning the best checkpoint) or ``checkpoints/{best,last}``; ``None`` when there is none."""
+    for cand in (path / "checkpoints" / "best", path / "best", path):
+        if (step := newest_step(cand)) is not None:
+            return cand, step
+    return None
+
+
 def orbax_state_dir(path: Path) -> tuple[Path, dict]:
     """The Orbax state folder in ``path`` and its train.cifar metadata (``{}`` when none).
 
     ``path`` may be a train.cifar workdir, its ``checkpoints/`` folder, ``checkpoints/best`` or
     ``/last`` (the newest step), one step folder, or a plain ``StandardCheckpointer`` directory.
     """
-    for cand in (path / "checkpoints" / "best", path / "best", path):
-        steps = sorted((int(d.name) for d in cand.iterdir() if d.is_dir() and d.name.isdigit()),
-                       reverse=True) if cand.is_dir() else []
-        if steps:
-            path = cand / str(steps[0])
-            break
+    if found := find_step(path):
+        path = found[0] / str(found[1])
     if (path / "state").is_dir():  # a train.cifar step folder: {state, meta}
         meta_file = path / "meta" / "metadata"
         try:

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from flaxres.weights import newest_step
 from train import checkpoint, cifar, loop, parallel, synthetic
 from train.config import Config
 
@@ -81,7 +82,7 @@ def final_params(workdir: Path) -> np.ndarray:
     one device whatever the device count that saved them."""
     run = loop.setup(Config(arch="resnet8", batch_size=BATCH), None)
     last = workdir / "checkpoints" / "last"
-    tree = checkpoint.restore_state(last, checkpoint.latest(last),
+    tree = checkpoint.restore_state(last, newest_step(last),
                                     {"state": run.state, "metrics": loop.zero_metrics(run)})
     s = tree["state"]
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves((s.params, s.batch_stats))])

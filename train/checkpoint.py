@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from flaxres.weights import find_step
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing or unreadable; the message names the path."""
@@ -40,22 +42,12 @@ def resolve(path: str | Path) -> tuple[Path, int]:
     """A workdir, its ``checkpoints/`` folder, ``checkpoints/{best,last}`` or one step folder
     -> (manager folder, step). A workdir or ``checkpoints/`` means the best checkpoint."""
     p = Path(path).expanduser()
-    for cand in (p / "checkpoints" / "best", p / "best", p):
-        if cand.is_dir():
-            steps = sorted(int(d.name) for d in cand.iterdir() if d.is_dir() and d.name.isdigit())
-            if steps:
-                return cand, steps[-1]
+    if found := find_step(p):
+        return found
     if p.is_dir() and p.name.isdigit() and (p / "meta").exists():
         return p.parent, int(p.name)
     raise CheckpointError(f"no checkpoint found at {p} (expected a workdir, its checkpoints/ "
                           "folder, checkpoints/best or checkpoints/last, or a step folder in one)")
-
-
-def latest(directory: Path) -> int | None:
-    if not directory.is_dir():
-        return None
-    steps = [int(d.name) for d in directory.iterdir() if d.is_dir() and d.name.isdigit()]
-    return max(steps) if steps else None
 
 
 def restore_meta(directory: Path, step: int) -> dict:

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import flaxres
+from flaxres.weights import newest_step
 from train import checkpoint, data, finetune, parallel, steps
 from train.config import Config
 from train.report import Report
@@ -219,7 +220,7 @@ class Checkpoints:
         A workdir that holds a run is an error without ``--resume``."""
         progress = Progress(zero_metrics(run))
         last = self.dir / "last"
-        step = checkpoint.latest(last)
+        step = newest_step(last)
         if step is None:
             if self.cfg.resume:
                 report.say(f"--resume: no checkpoint in {last}; starting from scratch")
@@ -350,7 +351,7 @@ def train(cfg: Config, on_step: Callable[[int], None] | None = None) -> dict:
             raise SystemExit(130) from None
         except Diverged as e:
             print(f"\nstopped: {e}. The last good checkpoint ({ckpts.dir / 'last'}, step "
-                  f"{checkpoint.latest(ckpts.dir / 'last')}) is kept; try a lower --lr or "
+                  f"{newest_step(ckpts.dir / 'last')}) is kept; try a lower --lr or "
                   "--warmup on.", file=sys.stderr)
             raise SystemExit(1) from None
     return summarize(progress, selection_metric(run), report)
