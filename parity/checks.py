@@ -28,9 +28,9 @@ import flaxres
 from flaxres.convert import from_torch, named_arrays, to_torch
 from parity import flax_side, torch_side
 from parity.cases import (
+    CHAOS_LIMIT,
     TOL,
     TRAJ_BOUNDARIES,
-    TRAJ_CHAOS_LIMIT,
     TRAJ_MOMENTUM,
     TRAJ_STEPS,
     TRAJ_WARMUP,
@@ -43,6 +43,9 @@ from train.optim import multistep_schedule, sgd
 jax.config.update("jax_default_matmul_precision", "highest")
 
 NP_DTYPE = {"fp32": np.float32, "fp64": np.float64}  # also flaxres's dtype / param_dtype
+# PyTorch fp32's rounding error is measured in both memory formats (different oneDNN kernels):
+# the floor is the larger, the error of an equally valid PyTorch fp32 run.
+TORCH_LAYOUTS = ("nchw", "channels_last")
 
 
 def _schedulers(opt: torch.optim.Optimizer):
@@ -70,6 +73,10 @@ def _flat(key: str, value) -> dict[str, np.ndarray]:
     if isinstance(value, list):
         return dict(zip(["stem"] + [f"layer{i}" for i in range(1, len(value))], value, strict=True))
     return {key: value}
+
+
+def _loss_and_grads(out: dict) -> dict[str, np.ndarray]:
+    return {"loss": out["loss"], **out["grads"]}
 
 
 class Case:
@@ -116,12 +123,16 @@ class Case:
             self._cache[key] = fn()
         return self._cache[key]
 
-    def _ref(self, precision: str, train: bool, relus: tuple | None = None) -> dict:
+    def _ref(self, precision: str, train: bool, relus: tuple | None = None,
+             layout: str = "nchw") -> dict:
         """PyTorch at ``precision`` on batch 0 (train mode: also loss, grads, BN stats) or on
-        batch -2 (eval mode); ``relus``: flaxres's ReLU record to follow (see check_grads)."""
+        batch -2 (eval mode); ``relus``: flaxres's ReLU record to follow (see check_grads);
+        ``layout``: PyTorch's memory format (its kernels, hence its rounding, differ)."""
         def run():
             tx, _, y = self._x(0 if train else -2, precision)
             ref = copy.deepcopy(self.torch_model).to(torch_side.TORCH_DTYPE[precision]).train(train)
+            if layout == "channels_last":
+                ref, tx = (t.to(memory_format=torch.channels_last) for t in (ref, tx))
             pattern = torch_side.relu_pattern(relus) if relus is not None else contextlib.nullcontext()
             with torch.set_grad_enabled(train), pattern:
                 logits, feats = torch_side.features(ref, tx)
@@ -133,7 +144,7 @@ class Case:
                     out.update(loss=loss.item(), stats=torch_side.bn_stats(ref),
                                grads={n: p.grad.numpy() for n, p in ref.named_parameters()})
             return out
-        return self._cached(("torch", precision, train, relus is not None), run)
+        return self._cached(("torch", precision, train, relus is not None, layout), run)
 
     def _flax(self, precision: str, train: bool) -> dict:
         """flaxres at ``precision`` on the batch of ``_ref``: the model's own logits and
@@ -157,8 +168,10 @@ class Case:
             return out
         return self._cached(("flax", precision, train), run)
 
-    def _t32(self, train: bool, key: str, name: str) -> np.ndarray:
-        return _flat(key, self._ref("fp32", train)[key])[name]
+    def _t32(self, train: bool, key: str, name: str) -> tuple[np.ndarray, ...]:
+        """PyTorch fp32's result for one tensor in each of its memory layouts."""
+        return tuple(_flat(key, self._ref("fp32", train, layout=lay)[key])[name]
+                     for lay in TORCH_LAYOUTS)
 
     def _pairs(self, train: bool, keys, p: str) -> tuple[list[tuple], str]:
         """(name, flaxres at p or None, PyTorch float64[, PyTorch fp32]) for every reference
@@ -208,10 +221,14 @@ class Case:
         PyTorch too, at other inputs); each such flip shifts the gradients below it by ~1e-3.
         Where the fp32 gradients miss the bound, PyTorch float64 runs again on flaxres fp32's
         side of every kink (its ReLUs gated by flaxres's record), and flaxres fp32 is measured
-        against that; PyTorch fp32 on the same pattern gives the rounding floor."""
+        against that; PyTorch fp32 on the same pattern gives the rounding floor. Where even
+        PyTorch fp32 is more than CHAOS_LIMIT off float64 (plain110 at initialisation: 62%; a
+        deep plain BatchNorm net explodes rounding backwards) no fp32 run can be held to
+        another, and the measure says ``chaotic``."""
         m = self._measure("grads", p, True, ["loss", "grads"])
         if p == "fp32" and not m.ok and m.extra_ok:
             m = self._grads_on_fp32_side()
+            m.chaotic = not m.ok and m.floor > CHAOS_LIMIT
         return m
 
     def _grads_on_fp32_side(self) -> Measure:
@@ -219,12 +236,11 @@ class Case:
         model = self.model("fp32")
         model.train()
         relus = tuple(flax_side.flat_relus(flax_side.forward(model, jx)[1]))
-        ref, t32 = (self._ref(p, True, relus) for p in ("fp64", "fp32"))
-        mine = self._flax("fp32", True)
-        mine = {"loss": mine["loss"], **mine["grads"]}
-        t32 = {"loss": t32["loss"], **t32["grads"]}
-        return worst("grads", "fp32", [(k, mine.get(k), v, functools.partial(t32.get, k))
-                                       for k, v in {"loss": ref["loss"], **ref["grads"]}.items()],
+        ref = _loss_and_grads(self._ref("fp64", True, relus))
+        mine = _loss_and_grads(self._flax("fp32", True))
+        t32 = [_loss_and_grads(self._ref("fp32", True, relus, lay)) for lay in TORCH_LAYOUTS]
+        return worst("grads", "fp32", [(k, mine.get(k), v, lambda k=k: tuple(t[k] for t in t32))
+                                       for k, v in ref.items()],
                      TOL["grads"],
                      note="against PyTorch float64 on flaxres fp32's side of every ReLU kink")
 
@@ -298,7 +314,7 @@ class Case:
         batches: the loss at every step, then the final weights and running statistics. In
         float64 both frameworks compute the same function, so the trajectories agree however
         chaotic the dynamics; fp32 is held to PyTorch fp32's own distance from float64, and
-        fails outright where that distance exceeds TRAJ_CHAOS_LIMIT (chaos: the comparison
+        fails outright where that distance exceeds CHAOS_LIMIT (chaos: the comparison
         would say nothing)."""
         t64_losses, t64_state = self.torch_trajectory("fp64")
         losses, state = self._flax_trajectory(p)
@@ -312,8 +328,8 @@ class Case:
         t32_losses, t32_state = self.torch_trajectory("fp32")
         drift = max(rel_err(a, b) for a, b in zip(t32_losses, t64_losses))
         chaos = (f"chaotic: PyTorch fp32 itself ends {drift:.1e} from float64 (limit "
-                 f"{TRAJ_CHAOS_LIMIT:.0e}); use a smaller lr, depth or fewer steps"
-                 if drift > TRAJ_CHAOS_LIMIT else "")
+                 f"{CHAOS_LIMIT:.0e}); use a smaller lr, depth or fewer steps"
+                 if drift > CHAOS_LIMIT else "")
         m_loss = worst("traj_loss", p, loss_pairs, TOL["traj_loss"], extra_ok=not chaos, note=chaos)
         m_loss.floor = max(m_loss.floor, drift)  # one chaotic run: held to PyTorch's worst step
         m_state = worst("traj_state", p, [pair + (functools.partial(t32_state.get, pair[0]),)

@@ -3,8 +3,9 @@
 A test taking ``case`` runs once per architecture of :data:`parity.cases.CASES`; with
 ``precision`` too, once per (architecture, fp32/fp64). The ``case`` fixture is session-scoped,
 so pytest runs all checks of one architecture together and drops its models before building the
-next (the largest nets hold ~1 GB). Marked ``full`` (``pytest --full``): float64 outside
-``FP64_DEFAULT``.
+next (the largest nets hold ~1 GB); under pytest-xdist (``-n``) all tests of one architecture go
+to one worker (``xdist_group``). Marked ``full`` (``pytest --full``): float64 outside
+``REPRESENTATIVE`` and tests marked ``representative`` outside ``REPRESENTATIVE``.
 """
 
 from __future__ import annotations
@@ -13,16 +14,15 @@ import pytest
 import torch
 
 import flaxres
-
-from parity.cases import CASES, FP32_FULL, FP64_DEFAULT, PRECISIONS
+from parity.cases import CASES, PRECISIONS, REPRESENTATIVE
 from parity.checks import Case
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "fp64_only: a float64-only check over every case: "
-                            "outside FP64_DEFAULT it runs with --full")
+    config.addinivalue_line("markers", "representative: a check over every case whose code "
+                            "does not depend on the net: outside REPRESENTATIVE it runs with --full")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -31,13 +31,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     params = []
     for arch in CASES:
         for p in PRECISIONS if "precision" in metafunc.fixturenames else (None,):
-            full = (p == "fp64" and arch.id not in FP64_DEFAULT) or (
-                p == "fp32" and arch.id in FP32_FULL) or (
-                p is None and "fp64_only" in metafunc.definition.keywords
-                and arch.id not in FP64_DEFAULT)
+            full = (p == "fp64" and arch.id not in REPRESENTATIVE) or (
+                p is None and "representative" in metafunc.definition.keywords
+                and arch.id not in REPRESENTATIVE)
             values = (arch, p) if p else (arch,)
             params.append(pytest.param(*values, id=f"{arch.id}-{p}" if p else arch.id,
-                                       marks=[pytest.mark.full] if full else []))
+                                       marks=[pytest.mark.xdist_group(arch.id)]
+                                       + ([pytest.mark.full] if full else [])))
     names = ("case", "precision") if "precision" in metafunc.fixturenames else ("case",)
     metafunc.parametrize(names, params, indirect=["case"], scope="session")
 

@@ -6,6 +6,6 @@ from parity.checks import Case
 from parity.conftest import assert_measures
 
 
-@pytest.mark.fp64_only
+@pytest.mark.representative
 def test_checkpoint_file(case: Case):
     assert_measures(case.check_checkpoint())
