@@ -1,9 +1,10 @@
 """The trainer's own training path against a PyTorch loop, step by step.
 
-flaxres side: :meth:`train.config.Config.optimizer` (``train.optim``'s SGD on the config's lr
-schedule), ``train.steps.init_state`` and the jitted ``train.steps.train_step`` (its loss, its
-BatchNorm update), augmentation off, on uint8 images from ``train.synthetic``. PyTorch side:
-the reference net with the same weights, ``torch.optim.SGD`` and PyTorch's own schedulers
+flaxres side: ``train.loop.setup`` as ``train.cifar`` calls it (the config's optimizer and lr
+schedule, ``init_state``, the jitted ``train_step`` with its loss and BatchNorm update, the
+dataset on device, the trainer's data order), started from the PyTorch reference's weights in
+float64, augmentation off, on uint8 images from ``train.synthetic``. PyTorch side: the same net
+and batches in the trainer's order, ``torch.optim.SGD`` and PyTorch's own schedulers
 (``MultiStepLR``, ``ConstantLR`` warm-up in ``SequentialLR``, ``CosineAnnealingLR``), stepped
 every iteration. Both in float64 (the trainer's normalisation and loss stay fp32, so the bound is
 fp32 rounding carried through a few steps), at an lr and weight decay where dropping the decay
@@ -25,7 +26,8 @@ from flaxres.convert import from_torch, named_arrays
 from parity.measure import rel_err
 from parity.reference import create_torch_model
 from parity.schedules import torch_scheduler
-from train import steps, synthetic
+from train import data as train_data
+from train import loop, synthetic
 from train.config import Config
 
 N_TRAIN, BATCH, EPOCHS = 32, 8, 4
@@ -42,10 +44,9 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module")
-def data():
-    xtr, ytr, _, _ = synthetic.make_arrays(N_TRAIN, 1, seed=0)
-    order = [np.random.default_rng(e).permutation(N_TRAIN) for e in range(EPOCHS)]
-    return xtr, ytr, order
+def data() -> train_data.Arrays:
+    xtr, ytr, xte, yte = synthetic.make_arrays(N_TRAIN, 1, seed=0)
+    return train_data.Arrays(xtr, ytr, xte, yte, train_data.CIFAR10_CLASSES)
 
 
 def reference() -> torch.nn.Module:
@@ -53,9 +54,11 @@ def reference() -> torch.nn.Module:
     return create_torch_model("resnet8")
 
 
-def torch_run(cfg: Config, data, weight_decay: float | None = None) -> dict:
-    """The loop of the popular CIFAR scripts, in float64 on the trainer's fp32 normalisation."""
-    xtr, ytr, order = data
+def torch_run(cfg: Config, data: train_data.Arrays, order: list[np.ndarray],
+              weight_decay: float | None = None) -> dict:
+    """The loop of the popular CIFAR scripts, in float64 on the trainer's fp32 normalisation,
+    over the batches ``order`` gives (one permutation per epoch)."""
+    xtr, ytr = data.train_images, data.train_labels
     model = reference().double().train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay if weight_decay is None else weight_decay,
@@ -80,35 +83,31 @@ def torch_run(cfg: Config, data, weight_decay: float | None = None) -> dict:
     return {"losses": losses, "lrs": lrs, "state": state}
 
 
-def flax_run(cfg: Config, data) -> dict:
-    """train.steps' jitted train step with the config's optimizer, in float64."""
-    xtr, ytr, order = data
+def flax_run(cfg: Config, data: train_data.Arrays) -> dict:
+    """The trainer's Run (``train.loop.setup``) from the reference's weights, in float64."""
     with jax.enable_x64(True):
         model = from_torch(flaxres.cifar_resnet(8, dtype=jnp.float64, param_dtype=jnp.float64,
                                                 rngs=nnx.Rngs(0)), reference().state_dict())
-        tx = cfg.optimizer(SPE)
-        train_def, _, state = steps.init_state(model, tx, cfg.seed)
-        mesh = steps.make_mesh()
-        step = steps.jit_train_step(mesh, train_def, tx, batch_size=BATCH, augment=cfg.augment,
-                                    mean=cfg.mean, std=cfg.std)
-        images, labels = jnp.asarray(xtr), jnp.asarray(ytr)
-        losses = []
-        for perm in order:
-            perm = jnp.asarray(perm)
+        run = loop.setup(cfg, data, SPE, model=model)
+        losses, order = [], []
+        for epoch in range(EPOCHS):
+            perm = run.permute(epoch)
+            order.append(np.asarray(perm))
             for i in range(SPE):
-                metrics = steps.zero_metrics()
-                state, metrics = step(state, metrics, perm, images, labels, jnp.int32(i))
+                metrics = loop.zero_metrics(run)
+                run.state, metrics = run.train_step(run.state, metrics, perm, run.train_x,
+                                                    run.train_y, jnp.int32(i))
                 losses.append(float(metrics["loss_sum"]) / BATCH)
-        final = nnx.merge(train_def, state.params, state.batch_stats)
-        schedule = cfg.lr_schedule(SPE)
-        return {"losses": losses, "state": named_arrays(final),
-                "lrs": [float(schedule(t)) for t in range(EPOCHS * SPE)]}
+        final = nnx.merge(run.eval_def, run.state.params, run.state.batch_stats)
+        return {"losses": losses, "state": named_arrays(final), "order": order,
+                "lrs": [float(run.schedule(t)) for t in range(EPOCHS * SPE)]}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_training_path_equals_pytorch(name: str, data):
     cfg = CONFIGS[name]
-    theirs, mine = torch_run(cfg, data), flax_run(cfg, data)
+    mine = flax_run(cfg, data)
+    theirs = torch_run(cfg, data, mine["order"])
     lr_bad = [t for t, (a, b) in enumerate(zip(mine["lrs"], theirs["lrs"], strict=True))
               if abs(a - b) > TOL["lr"] * b]
     assert not lr_bad, f"lr differs from PyTorch's scheduler from iteration {lr_bad[0]}"
@@ -118,6 +117,6 @@ def test_training_path_equals_pytorch(name: str, data):
     worst = max((rel_err(mine["state"][k], v), k) for k, v in theirs["state"].items())
     assert worst[0] <= TOL["state"], worst
     # The bar is sharp: without weight decay PyTorch itself ends far outside it.
-    no_decay = torch_run(cfg, data, weight_decay=0.0)["state"]
+    no_decay = torch_run(cfg, data, mine["order"], weight_decay=0.0)["state"]
     moved = max(rel_err(no_decay[k], v) for k, v in theirs["state"].items())
     assert moved > 10 * TOL["state"], moved

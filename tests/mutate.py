@@ -58,7 +58,7 @@ MUTANTS = [
     Mutant("trainer_no_weight_decay", "train/loop.py",
            "tx = cfg.optimizer(steps_per_epoch)",
            'tx = Config.from_dict({**cfg.to_dict(), "weight_decay": 0.0}).optimizer(steps_per_epoch)',
-           TRAIN),
+           TRAINING_PATH),
     Mutant("sgd_decay_after_momentum", "train/optim.py",
            """        optax.add_decayed_weights(weight_decay),
         optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),""",

@@ -128,17 +128,20 @@ class Run:
     eval_sets: dict[str, EvalSet] = field(default_factory=dict)
 
 
-def setup(cfg: Config, arrays: data.Arrays | None, steps_per_epoch: int = 1) -> Run:
+def setup(cfg: Config, arrays: data.Arrays | None, steps_per_epoch: int = 1,
+          model: nnx.Module | None = None) -> Run:
     """Model, optimizer and jitted steps on the mesh; ``arrays``' training set goes on device.
-    (``steps_per_epoch`` only shapes the lr schedule, irrelevant for inference.)"""
+    (``steps_per_epoch`` only shapes the lr schedule, irrelevant for inference.) ``model``
+    replaces the one ``cfg`` describes (parity/test_training_path.py: PyTorch's weights in
+    float64)."""
     mesh = parallel.make_mesh()
     ndev = mesh.devices.size
     if cfg.batch_size % ndev:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {ndev} devices")
     tx = cfg.optimizer(steps_per_epoch)
     tx = finetune.head_only(tx) if cfg.freeze_backbone else tx
-    train_def, eval_def, state = steps.init_state(finetune.initial_model(cfg, build_model), tx,
-                                                  cfg.seed)
+    model = finetune.initial_model(cfg, build_model) if model is None else model
+    train_def, eval_def, state = steps.init_state(model, tx, cfg.seed)
     static = {"mean": cfg.mean, "std": cfg.std}
     run = Run(mesh=mesh, replicated=parallel.replicated(mesh),
               schedule=cfg.lr_schedule(steps_per_epoch),
