@@ -109,8 +109,10 @@ def newest_step(directory: Path) -> int | None:
 
 def find_step(path: Path) -> tuple[Path, int] | None:
     """(manager folder, newest step) under a train.cifar workdir, its ``checkpoints/`` folder
-    (meaning the best checkpoint) or ``checkpoints/{best,last}``; ``None`` when there is none."""
-    for cand in (path / "checkpoints" / "best", path / "best", path):
+    (meaning the best checkpoint, else the last: a shipped workdir may keep only ``last``) or
+    ``checkpoints/{best,last}``; ``None`` when there is none."""
+    for cand in (path / "checkpoints" / "best", path / "best", path / "checkpoints" / "last",
+                 path / "last", path):
         if (step := newest_step(cand)) is not None:
             return cand, step
     return None

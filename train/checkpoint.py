@@ -40,7 +40,8 @@ def save(directory: Path, step: int, tree: Any, meta: dict) -> None:
 
 def resolve(path: str | Path) -> tuple[Path, int]:
     """A workdir, its ``checkpoints/`` folder, ``checkpoints/{best,last}`` or one step folder
-    -> (manager folder, step). A workdir or ``checkpoints/`` means the best checkpoint."""
+    -> (manager folder, step). A workdir or ``checkpoints/`` means the best checkpoint (the
+    last where there is no best)."""
     p = Path(path).expanduser()
     if found := find_step(p):
         return found
