@@ -20,6 +20,9 @@ from flaxres.weights import newest_step
 from train import checkpoint, cifar, loop, parallel, synthetic
 from train.config import Config
 
+# Each test runs several JAX processes: under pytest-xdist they take turns on one worker.
+pytestmark = pytest.mark.xdist_group("distributed")
+
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST, BATCH = 128, 32, 32  # 4 steps per epoch
 COMMON = ["--arch", "resnet8", "--batch-size", str(BATCH), "--eval-batch-size", "32",
