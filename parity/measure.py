@@ -59,9 +59,8 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 def worst(check: str, precision: str, pairs: Iterable[tuple], tol: float, **kw) -> Measure:
     """Measure over named ``(name, flaxres, reference[, pytorch_fp32])`` tuples, the last a
     callable giving one PyTorch fp32 result or a tuple of them, run only where flaxres misses
-    the tolerance: the tensor worst relative to what it
-    is allowed. Shapes must agree exactly; ``None`` on the flaxres side (a tensor flaxres did
-    not produce) fails."""
+    the tolerance: the tensor worst relative to what it is allowed. Shapes must agree exactly;
+    ``None`` on the flaxres side (a tensor flaxres did not produce) fails."""
     m = Measure(check, precision, 0.0, tol, "-", **kw)
     ratio = -1.0
     for name, a, b, *t32 in pairs:
