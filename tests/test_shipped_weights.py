@@ -1,0 +1,42 @@
+"""The trained weights in ``weights/``: they load through ``create_model(pretrained=...)``, and
+where the project's JPEG CIFAR-10 copy is present, ``--eval-only`` reproduces the test accuracy
+their training run logged (the number in the README's results table)."""
+
+import json
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxres
+from train import cifar
+
+ROOT = Path(__file__).resolve().parents[1]
+RESNET20 = ROOT / "weights" / "resnet20-cifar10-jpeg"
+SHARED = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def logged_final() -> dict:
+    """The last epoch's line of the run's metrics.jsonl."""
+    return json.loads((RESNET20 / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_shipped_resnet20_loads_and_predicts():
+    model = flaxres.create_model("resnet20", pretrained=RESNET20)
+    assert flaxres.count_params(model) == 269_722
+    model.eval()
+    x = np.random.default_rng(0).normal(size=(16, 32, 32, 3)).astype(np.float32)
+    logits = model(jnp.asarray(x))
+    assert logits.shape == (16, 10) and bool(jnp.isfinite(logits).all())
+
+
+@pytest.mark.full
+@pytest.mark.skipif(not SHARED.exists(), reason=f"needs the JPEG CIFAR-10 copy at {SHARED}")
+def test_eval_only_reproduces_the_logged_accuracy(tmp_path, capsys):
+    cifar.main(["--eval-only", "--checkpoint", str(RESNET20), "--data-dir", str(SHARED),
+                "--cache-dir", str(tmp_path)])
+    acc = float(re.search(r"test loss \S+ acc ([\d.]+)%", capsys.readouterr().out).group(1))
+    # Trained with oneDNN convolutions, evaluated with XLA's: rounding may flip a near-tie image.
+    assert abs(acc / 100 - logged_final()["test_acc"]) <= 2e-4, acc
