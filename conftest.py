@@ -1,7 +1,16 @@
 """Test tiers: the default ``pytest`` is the quick change-test loop; ``pytest --full`` adds the
 tests marked ``full`` (the whole parity matrix, long studies), which CI runs as well.
-``--cpu-conv onednn`` runs the parity suite with oneDNN's CPU convolutions (docs/onednn.md)."""
+``--cpu-conv onednn`` runs the parity suite with oneDNN's CPU convolutions (docs/onednn.md).
 
+Compiled XLA executables persist in pytest's cache folder (``.pytest_cache/d/xla``), shared by
+the xdist workers, the runs the tests start and the next ``pytest``: most of the suite's time on
+a small CPU is compiling, and an executable is reused only for an identical program (the cache
+key is the program and its compile options, so a changed model or step compiles anew).
+``pytest --cache-clear`` starts cold; ``JAX_COMPILATION_CACHE_DIR`` still wins."""
+
+from pathlib import Path
+
+import jax
 import pytest
 
 
@@ -19,6 +28,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
         if reason := onednn.unavailable_reason():
             raise pytest.UsageError(f"--cpu-conv onednn: {reason}")
+    if not jax.config.jax_compilation_cache_dir and hasattr(config, "cache"):
+        jax.config.update("jax_compilation_cache_dir", str(config.cache.mkdir("xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+@pytest.fixture(scope="session")
+def xla_env() -> dict[str, str]:
+    """Environment entries giving the processes a test starts the session's compilation cache."""
+    d = jax.config.jax_compilation_cache_dir
+    return {"JAX_COMPILATION_CACHE_DIR": d} if d else {}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shutil
 import subprocess
@@ -163,12 +164,15 @@ def apply(m: Mutant, tree: Path) -> str:
     return text
 
 
-def run_tests(m: Mutant, tree: Path, timeout: int) -> tuple[bool, str]:
-    """(caught, which test): pytest with -x in the scratch tree."""
+def run_tests(m: Mutant, tree: Path, timeout: int, xla_cache: Path) -> tuple[bool, str]:
+    """(caught, which test): pytest with -x in the scratch tree; the mutants share one XLA
+    compilation cache (a mutant's changed programs compile anew, the rest are reused)."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
            "--no-header", "-rf", *m.tests]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(xla_cache))
     try:
-        out = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True,
+                             timeout=timeout)
     except subprocess.TimeoutExpired:
         return False, f"timed out after {timeout} s"
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out.stdout, re.M)
@@ -194,14 +198,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name:<42} {m.file:<20} {' '.join(m.tests)}")
         return 0
     survived = []
-    with tempfile.TemporaryDirectory(prefix="flaxres-mutate-") as tmp:
+    with (tempfile.TemporaryDirectory(prefix="flaxres-mutate-") as tmp,
+          tempfile.TemporaryDirectory(prefix="flaxres-mutate-xla-") as xla_cache):
         tree = Path(tmp)
         scratch_copy(tree)
         for m in chosen:
             t0 = time.perf_counter()
             original = apply(m, tree)
             try:
-                caught, where = run_tests(m, tree, args.timeout)
+                caught, where = run_tests(m, tree, args.timeout, Path(xla_cache))
             finally:
                 (tree / m.file).write_text(original)
             verdict = "caught by" if caught else "SURVIVED:"

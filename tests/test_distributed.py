@@ -31,12 +31,11 @@ TIMING = ("epoch_time", "img_per_s")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, xla_env):
     root = tmp_path_factory.mktemp("dist")
     src = synthetic.write_cifar10_python(root, synthetic.make_arrays(N_TRAIN, N_TEST, seed=0),
                                          tar=True)
-    e = dict(os.environ, FLAXRES_CACHE=str(root / "cache"),
-             JAX_COMPILATION_CACHE_DIR=str(root / "xla"), PYTHONUNBUFFERED="1")
+    e = dict(os.environ, FLAXRES_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1", **xla_env)
     return {"root": root, "src": str(src), "env": e}
 
 

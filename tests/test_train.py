@@ -26,17 +26,14 @@ TIMING = ("epoch_time", "img_per_s")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Synthetic CIFAR python archive, a data cache, and one XLA compilation cache shared by
+def env(tmp_path_factory, xla_env):
+    """Synthetic CIFAR python archive, a data cache, and the session's XLA compilation cache for
     every run of this module (in and out of process), so resnet8 compiles once."""
     root = tmp_path_factory.mktemp("train")
     arrays = synthetic.make_arrays(N_TRAIN, N_TEST, seed=0)
     src = synthetic.write_cifar10_python(root, arrays, tar=True)
-    e = dict(os.environ, FLAXRES_CACHE=str(root / "cache"),
-             JAX_COMPILATION_CACHE_DIR=str(root / "xla"), PYTHONUNBUFFERED="1")
+    e = dict(os.environ, FLAXRES_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1", **xla_env)
     os.environ["FLAXRES_CACHE"] = e["FLAXRES_CACHE"]  # for the in-process runs below
-    jax.config.update("jax_compilation_cache_dir", e["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     return {"root": root, "src": str(src), "env": e, "arrays": arrays}
 
 
