@@ -314,7 +314,7 @@ class Case:
         batches: the loss at every step, then the final weights and running statistics. In
         float64 both frameworks compute the same function, so the trajectories agree however
         chaotic the dynamics; fp32 is held to PyTorch fp32's own distance from float64, and
-        fails outright where that distance exceeds CHAOS_LIMIT (chaos: the comparison
+        fails, saying ``chaotic``, where that distance exceeds CHAOS_LIMIT (the comparison
         would say nothing)."""
         t64_losses, t64_state = self.torch_trajectory("fp64")
         losses, state = self._flax_trajectory(p)
@@ -335,6 +335,8 @@ class Case:
         m_state = worst("traj_state", p, [pair + (functools.partial(t32_state.get, pair[0]),)
                                           for pair in state_pairs], TOL["traj_state"],
                         extra_ok=not (note or chaos), note=note or chaos)
+        for m in (m_loss, m_state):
+            m.chaotic = bool(chaos) and not note
         return [m_loss, m_state]
 
     def check_checkpoint(self) -> Measure:

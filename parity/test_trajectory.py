@@ -2,7 +2,8 @@
 
 Default tier: one tiny net per block kind (``parity.cases.TRAJ_TINY``: Basic with shortcuts
 A/B/C, plain without BatchNorm, Bottleneck, grouped, ImageNet stem), in float64 (the proof) and
-fp32 (held to PyTorch fp32's own drift). ``--full``: every registered architecture as well.
+fp32 (held to PyTorch fp32's own drift). ``--full``: every registered architecture as well
+(chaotic fp32 runs are expected failures, see :func:`test_trajectory`).
 """
 
 import numpy as np
@@ -42,5 +43,12 @@ def test_momentum_and_weight_decay_matter(tiny: Case):
 
 @pytest.mark.full
 def test_trajectory(case: Case, precision: str):
-    assert_measures(*case.check_trajectory(precision))
+    """A registered net at initialisation is often chaotic over 20 fp32 steps (PyTorch fp32
+    itself ends 4% from float64 on resnet18, 91% on resnet56): there the fp32 run is an
+    expected failure that says so, decided by measurement each run; the float64 trajectory is
+    the proof. The tiny nets above are chosen not to be chaotic, so their fp32 check must pass."""
+    measures = case.check_trajectory(precision)
+    if any(m.chaotic for m in measures):
+        pytest.xfail("; ".join(str(m) for m in measures))
+    assert_measures(*measures)
 
