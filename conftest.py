@@ -8,7 +8,6 @@ a small CPU is compiling, and an executable is reused only for an identical prog
 key is the program and its compile options, so a changed model or step compiles anew).
 ``pytest --cache-clear`` starts cold; ``JAX_COMPILATION_CACHE_DIR`` still wins."""
 
-from pathlib import Path
 
 import jax
 import pytest
