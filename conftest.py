@@ -1,5 +1,5 @@
 """Test tiers: the default ``pytest`` is the quick change-test loop; ``pytest --full`` adds the
-tests marked ``full`` (the whole parity matrix, long studies), which CI runs as well.
+tests marked ``full`` (the whole parity matrix, long studies); CI runs those of ``tests/``.
 ``--cpu-conv onednn`` runs the parity suite with oneDNN's CPU convolutions (docs/onednn.md).
 
 Compiled XLA executables persist in pytest's cache folder (``.pytest_cache/d/xla``), shared by
@@ -15,7 +15,7 @@ import pytest
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--full", action="store_true",
-                     help="also run the tests marked 'full' (whole parity matrix; CI runs them)")
+                     help="also run the tests marked 'full' (whole parity matrix, long runs)")
     parser.addoption("--cpu-conv", choices=("xla", "onednn"), default="xla",
                      help="CPU convolutions of the parity suite's flaxres models (CpuOps.conv)")
 
