@@ -27,9 +27,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
         if reason := onednn.unavailable_reason():
             raise pytest.UsageError(f"--cpu-conv onednn: {reason}")
-    if not jax.config.jax_compilation_cache_dir and hasattr(config, "cache"):
-        jax.config.update("jax_compilation_cache_dir", str(config.cache.mkdir("xla")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
+    if cache or jax.config.jax_compilation_cache_dir:
+        from train import cifar
+
+        cifar.enable_compilation_cache(cache and cache.mkdir("xla"))
 
 
 @pytest.fixture(scope="session")

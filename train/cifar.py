@@ -65,10 +65,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return cfg
 
 
-def enable_compilation_cache() -> None:
-    """Caches XLA executables on disk (default ~/.cache/flaxres/jax): on a small CPU each of the
-    ~30 compiles of model init, train and eval steps takes about a second, so reruns and
-    resumes start much faster. ``JAX_COMPILATION_CACHE_DIR`` / ``JAX_PERSISTENT_CACHE_*`` win.
+def enable_compilation_cache(default_dir: str | os.PathLike | None = None) -> None:
+    """Caches XLA executables on disk (in ``default_dir``, else ~/.cache/flaxres/jax): on a small
+    CPU each of the ~30 compiles of model init, train and eval steps takes about a second, so
+    reruns and resumes start much faster. ``JAX_COMPILATION_CACHE_DIR`` /
+    ``JAX_PERSISTENT_CACHE_*`` win.
 
     Not in a multi-process run: with jax 0.10.2 an executable with cross-process (Gloo)
     collectives loaded from the cache deadlocks in its first collective (each process with its
@@ -78,7 +79,8 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_enable_compilation_cache", False)
         return
     if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(data.default_cache_dir() / "jax"))
+        jax.config.update("jax_compilation_cache_dir",
+                          str(default_dir or data.default_cache_dir() / "jax"))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
