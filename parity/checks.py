@@ -15,6 +15,7 @@ import copy
 import functools
 import os
 import tempfile
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -284,9 +285,11 @@ class Case:
                                 self.torch_model, self.batches[:TRAJ_STEPS], precision,
                                 self.arch.traj_lr, momentum, weight_decay, _schedulers))
 
-    def _flax_trajectory(self, precision: str) -> tuple[list[float], dict[str, np.ndarray]]:
+    def flax_trajectory(self, precision: str, before_step: Callable | None = None
+                        ) -> tuple[list[float], dict[str, np.ndarray]]:
         """flaxres's TRAJ_STEPS: whole-compiled steps for nets of a few blocks, else the
-        jitted-blocks path of the other checks."""
+        jitted-blocks path of the other checks; ``before_step(step, model)`` sees the weights
+        each step starts from (``parity.trajectory_steps``)."""
         with jax.enable_x64(precision == "fp64"):
             model = self.model(precision)
             model.train()
@@ -297,6 +300,8 @@ class Case:
             whole = sum(len(s) for s in model.stages()) <= 4
             losses = []
             for step in range(TRAJ_STEPS):
+                if before_step:
+                    before_step(step, model)
                 _, jx, y = self._x(step, precision)
                 if whole:
                     loss, params, stats, opt_state = flax_side.train_step(
@@ -317,7 +322,7 @@ class Case:
         fails, saying ``chaotic``, where that distance exceeds CHAOS_LIMIT (the comparison
         would say nothing)."""
         t64_losses, t64_state = self.torch_trajectory("fp64")
-        losses, state = self._flax_trajectory(p)
+        losses, state = self.flax_trajectory(p)
         loss_pairs = [(f"loss step {i}", a, b) for i, (a, b) in enumerate(zip(losses, t64_losses))]
         state_pairs = [(k, state.get(k), v) for k, v in t64_state.items()]
         note = one_sided(state, t64_state)
