@@ -29,7 +29,6 @@ class Arch:
     build_torch: Callable[[], torch.nn.Module]  # fresh PyTorch reference
     batch: int  # > 1: train-mode BatchNorm needs a batch
     hw: int
-    traj_lr: float = 0.05  # the trajectory's base lr (gentler where fp32 would be chaotic)
 
 
 def input_size(name: str) -> tuple[int, int]:
@@ -69,8 +68,8 @@ BLOCKWISE_FULL = ("resnet18", "resnext29_8x64d", "resnet164")
 
 
 def _tiny(cid: str, flax_fn: Callable[..., flaxres.ResNet], torch_fn: Callable[[], torch.nn.Module],
-          batch: int = 4, hw: int = 8, traj_lr: float = 0.05) -> Arch:
-    return Arch(cid, lambda **kw: flax_fn(rngs=nnx.Rngs(0), **kw), torch_fn, batch, hw, traj_lr)
+          batch: int = 4, hw: int = 8) -> Arch:
+    return Arch(cid, lambda **kw: flax_fn(rngs=nnx.Rngs(0), **kw), torch_fn, batch, hw)
 
 
 # One tiny net per block kind for the default tier's trajectories.
@@ -94,25 +93,27 @@ TRAJ_TINY: list[Arch] = [
         shortcut="B", **kw),
           lambda: torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock,
                                                    [1, 1, 1, 1], num_classes=10),
-          # At lr 0.05 PyTorch fp32 itself drifts 1.5e-2 from float64 here (chaos guard).
-          batch=2, hw=64, traj_lr=0.01),
+          batch=2, hw=64),
 ]
 
 TOL = {"schedule": 1e-6, "eval": 1e-5, "train": 1e-5, "features": 1e-5, "grads": 1e-4,
        "optim": 1e-6, "traj_loss": 1e-4, "traj_state": 1e-3, "checkpoint": 1e-5,
-       "blockwise": 1e-5}
+       "blockwise": 1e-5, "step_loss": 1e-5, "step_state": 1e-5}
 PRECISIONS = ("fp32", "fp64")
 
 # The trajectory: TRAJ_STEPS of SGD with a constant warm-up and two lr drops, at an lr and weight
 # decay where dropping momentum or weight decay moves the result far beyond the tolerance
 # (parity/test_trajectory.py checks that on PyTorch alone).
 TRAJ_STEPS = 20
+TRAJ_LR = 0.05
 TRAJ_WARMUP = 3
 TRAJ_BOUNDARIES = (10, 15)
 TRAJ_MOMENTUM = 0.9
 TRAJ_WEIGHT_DECAY = 5e-3
-# Where PyTorch fp32 itself ends this far from float64, one fp32 run says nothing about another
-# (chaos): the fp32 check is then an expected failure naming it (parity/test_grads.py, the full
-# tier's parity/test_trajectory.py::test_trajectory), never a vacuous pass; the tiny nets'
-# trajectories are chosen not to be chaotic and fail outright if they become so.
+# The fp32 trajectory is probed at these steps (Case.check_trajectory_steps): the first, the
+# first at the full lr, the first after each lr drop, the last.
+TRAJ_PROBED_STEPS = (0, TRAJ_WARMUP, *TRAJ_BOUNDARIES, TRAJ_STEPS - 1)
+# Where PyTorch fp32 itself is this far from float64, one fp32 result says nothing about another
+# (chaos): the fp32 check is then an expected failure naming it (parity/test_grads.py), never a
+# vacuous pass.
 CHAOS_LIMIT = 1e-2

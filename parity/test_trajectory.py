@@ -1,9 +1,9 @@
 """20 SGD steps (warm-up, two lr drops) in both frameworks, through the model's own code.
 
 Default tier: one tiny net per block kind (``parity.cases.TRAJ_TINY``: Basic with shortcuts
-A/B/C, plain without BatchNorm, Bottleneck, grouped, ImageNet stem), in float64 (the proof) and
-fp32 (held to PyTorch fp32's own drift). ``--full``: every registered architecture as well
-(chaotic fp32 runs are expected failures, see :func:`test_trajectory`).
+A/B/C, plain without BatchNorm, Bottleneck, grouped, ImageNet stem), in float64 (the whole
+trajectory: the proof) and fp32 (PyTorch's step from flaxres fp32's own weights at probed steps,
+``Case.check_trajectory_steps``). ``--full``: every registered architecture as well.
 """
 
 import numpy as np
@@ -31,24 +31,20 @@ def test_tiny_trajectory(tiny: Case, precision: str):
 @pytest.mark.parametrize("tiny", ["tiny-basic-A", "tiny-bottleneck-B"], indirect=True)
 def test_momentum_and_weight_decay_matter(tiny: Case):
     """At the trajectory's lr, dropping momentum or weight decay moves PyTorch's own float64
-    result by far more than the tolerance: the check would see either bug."""
+    result by far more than the tolerance, over the whole trajectory and in one probed step:
+    both checks would see either bug."""
     _, ref = tiny.torch_trajectory("fp64")
     for kw in ({"momentum": 0.0}, {"weight_decay": 0.0}):
         _, other = tiny.torch_trajectory("fp64", **kw)
         moved = max(rel_err(other[k], v) for k, v in ref.items() if "running" not in k)
         assert moved > 10 * TOL["traj_state"], (kw, moved)
+        _, step_state = tiny.check_trajectory_steps(**kw)
+        assert step_state.error > 10 * TOL["step_state"], (kw, str(step_state))
     losses, _ = tiny.torch_trajectory("fp64")
     assert np.isfinite(losses).all()
 
 
 @pytest.mark.full
 def test_trajectory(case: Case, precision: str):
-    """A registered net at initialisation is often chaotic over 20 fp32 steps (PyTorch fp32
-    itself ends 4% from float64 on resnet18, 91% on resnet56): there the fp32 run is an
-    expected failure that says so, decided by measurement each run; the float64 trajectory is
-    the proof. The tiny nets above are chosen not to be chaotic, so their fp32 check must pass."""
-    measures = case.check_trajectory(precision)
-    if any(m.chaotic for m in measures):
-        pytest.xfail("; ".join(str(m) for m in measures))
-    assert_measures(*measures)
+    assert_measures(*case.check_trajectory(precision))
 

@@ -91,9 +91,34 @@ def sgd_run(model: torch.nn.Module, batches, precision: str, lr: float, momentum
                     if not k.endswith("num_batches_tracked")}
 
 
-def lrs(make_scheduler: Callable, steps: int, per_epoch: int = 1) -> np.ndarray:
+def sgd_step(model: torch.nn.Module, state: dict, momentum_buffers: dict[str, np.ndarray],
+             batch, precision: str, lr: float, momentum: float, weight_decay: float,
+             layout: str = "nchw") -> tuple[float, dict]:
+    """One ``torch.optim.SGD`` step of ``model``'s architecture from ``state`` (weights and BN
+    statistics) and the optimiser's ``momentum_buffers`` (by parameter name; zeros before the
+    first step give PyTorch's first-step rule, buf = g), on ``batch``, in ``layout``: the loss
+    and the state dict (numpy) after the step."""
+    dt = TORCH_DTYPE[precision]
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(state)
+    ref = ref.to(dt).train()
+    x = torch.from_numpy(batch[0]).to(dt)
+    if layout == "channels_last":
+        ref, x = (t.to(memory_format=torch.channels_last) for t in (ref, x))
+    opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    for name, p in ref.named_parameters():
+        opt.state[p]["momentum_buffer"] = torch.tensor(momentum_buffers[name], dtype=dt)
+    loss = F.cross_entropy(ref(x), torch.from_numpy(batch[1]).long())
+    loss.backward()
+    opt.step()
+    return loss.item(), {k: v.numpy() for k, v in ref.state_dict().items()
+                         if not k.endswith("num_batches_tracked")}
+
+
+def lrs(make_scheduler: Callable, steps: int, per_epoch: int = 1, base_lr: float = 0.1
+        ) -> np.ndarray:
     """The lr torch.optim.SGD uses at each iteration, the scheduler stepped every ``per_epoch``."""
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base_lr, momentum=0.9)
     sched, out = make_scheduler(opt), []
     for it in range(steps):
         out.append(opt.param_groups[0]["lr"])

@@ -1,22 +1,21 @@
-"""Where an fp32 trajectory leaves float64, step by step: a diagnostic for an fp32 trajectory
-check that fails without being chaotic.
+"""How far whole fp32 trajectories drift from float64, beside the per-step check that the parity
+suite makes instead (``Case.check_trajectory_steps``).
 
-    python -m parity.trajectory_steps --arch resnet20 --steps 10
+    python -m parity.trajectory_steps --arch resnet20
 
-Per step: flaxres fp32's and PyTorch fp32's loss against PyTorch float64's trajectory, and
-flaxres fp32's gradient at the weights its own trajectory reached, against PyTorch float64's
-gradient at those same weights (``Case.check_grads``). A wrong step shows in the gradient
-column; accurate gradients under a growing loss error mean the dynamics amplify rounding.
+Per step: flaxres fp32's and PyTorch fp32's loss against PyTorch float64's trajectory (the
+dynamics: a rounding-sized difference that one run meets and the other does not grows
+step by step); then each of flaxres fp32's steps against PyTorch float64's step from the same
+weights (the implementation: rounding-sized at every step).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from flaxres.convert import to_torch
-from parity.cases import BY_ID
+from parity.cases import BY_ID, TRAJ_STEPS
 from parity.checks import Case
-from parity.measure import Measure, rel_err
+from parity.measure import rel_err
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,28 +23,18 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet20", choices=sorted(BY_ID), metavar="ID",
                    help="a parity case id (default: resnet20)")
-    p.add_argument("--steps", type=int, default=10,
-                   help="check the gradient at the first N steps (default: 10)")
     args = p.parse_args(argv)
     case = Case(BY_ID[args.arch])
-    grads: list[Measure] = []
-
-    def check_gradient(step: int, model) -> None:
-        if step < args.steps:
-            probe = Case(case.arch)
-            probe.torch_model.load_state_dict(to_torch(model))
-            probe.batches[0] = case.batches[step]
-            grads.append(probe.check_grads("fp32"))
-
-    losses, _ = case.flax_trajectory("fp32", check_gradient)
+    mine, _ = case.flax_trajectory("fp32")
     t64, _ = case.torch_trajectory("fp64")
     t32, _ = case.torch_trajectory("fp32")
-    print(f"{args.arch}: loss error against PyTorch float64 | flaxres fp32 gradient at its own "
-          "weights")
-    for step, (mine, theirs, ref) in enumerate(zip(losses, t32, t64)):
-        g = f"{grads[step]}" if step < len(grads) else ""
-        print(f"step {step:2d}: flaxres fp32 {rel_err(mine, ref):.2e}  PyTorch fp32 "
-              f"{rel_err(theirs, ref):.2e} | {g}")
+    print(f"{args.arch}: loss error of the whole fp32 trajectory against PyTorch float64's")
+    for step, (a, b, ref) in enumerate(zip(mine, t32, t64)):
+        print(f"step {step:2d}: flaxres fp32 {rel_err(a, ref):.2e}  PyTorch fp32 "
+              f"{rel_err(b, ref):.2e}")
+    print("every step, from flaxres fp32's own weights:")
+    for m in case.check_trajectory_steps(steps=range(TRAJ_STEPS)):
+        print(f"  {m}")
 
 
 if __name__ == "__main__":
