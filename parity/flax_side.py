@@ -119,6 +119,14 @@ def flat_relus(record: list) -> list[np.ndarray]:
     return out
 
 
+def train_relus(model: ResNet, x: jax.Array) -> list[np.ndarray]:
+    """Where each ReLU input is > 0 in a train-mode forward of ``model`` (left unchanged), in
+    PyTorch's call order: the pattern :func:`parity.torch_side.relu_pattern` applies."""
+    probe = nnx.clone(model)
+    probe.train()
+    return flat_relus(forward(probe, x)[1])
+
+
 def forward(model: ResNet, x: jax.Array, relus: list | None = None) -> tuple[jax.Array, list]:
     """Logits of the model's own ``__call__`` (BatchNorm statistics update in train mode), and
     its ReLU record."""

@@ -93,11 +93,13 @@ def sgd_run(model: torch.nn.Module, batches, precision: str, lr: float, momentum
 
 def sgd_step(model: torch.nn.Module, state: dict, momentum_buffers: dict[str, np.ndarray],
              batch, precision: str, lr: float, momentum: float, weight_decay: float,
-             layout: str = "nchw") -> tuple[float, dict]:
+             layout: str = "nchw", relus: Sequence[np.ndarray] | None = None
+             ) -> tuple[float, dict]:
     """One ``torch.optim.SGD`` step of ``model``'s architecture from ``state`` (weights and BN
     statistics) and the optimiser's ``momentum_buffers`` (by parameter name; zeros before the
-    first step give PyTorch's first-step rule, buf = g), on ``batch``, in ``layout``: the loss
-    and the state dict (numpy) after the step."""
+    first step give PyTorch's first-step rule, buf = g), on ``batch``, in ``layout``, its ReLUs
+    following ``relus`` if given (:func:`relu_pattern`): the loss and the state dict (numpy)
+    after the step."""
     dt = TORCH_DTYPE[precision]
     ref = copy.deepcopy(model)
     ref.load_state_dict(state)
@@ -108,8 +110,9 @@ def sgd_step(model: torch.nn.Module, state: dict, momentum_buffers: dict[str, np
     opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     for name, p in ref.named_parameters():
         opt.state[p]["momentum_buffer"] = torch.tensor(momentum_buffers[name], dtype=dt)
-    loss = F.cross_entropy(ref(x), torch.from_numpy(batch[1]).long())
-    loss.backward()
+    with relu_pattern(relus) if relus is not None else contextlib.nullcontext():
+        loss = F.cross_entropy(ref(x), torch.from_numpy(batch[1]).long())
+        loss.backward()
     opt.step()
     return loss.item(), {k: v.numpy() for k, v in ref.state_dict().items()
                          if not k.endswith("num_batches_tracked")}
