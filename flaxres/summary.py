@@ -86,8 +86,9 @@ def format_table(rows: list[LayerRow], model: ResNet) -> str:
     macs = sum(r.macs for r in rows)
     width = max(len(r.name) + len(r.kind) + 3 for r in rows)
     rule = "-" * (width + 52)
-    lines = [rule, f"{'Layer (type)':>{width}}  {'Output Shape (NHWC)':>22}  {'Param #':>12}  "
-             f"{'Mult-Adds':>12}", "=" * len(rule)]
+    header = (f"{'Layer (type)':>{width}}  {'Output Shape (NHWC)':>22}  {'Param #':>12}  "
+              f"{'Mult-Adds':>12}")
+    lines = [rule, header, "=" * len(rule)]
     for r in rows:
         shape = str([-1, *r.output_shape[1:]])
         lines.append(f"{f'{r.name} ({r.kind})':>{width}}  {shape:>22}  {r.params:>12,}  "

@@ -135,7 +135,7 @@ def test_bf16_step_close_to_fp32():
     l16, p16, s16, g16 = _one_step(jnp.bfloat16)
     for tree in (p16, s16):
         assert {a.dtype for a in jax.tree.leaves(tree)} == {jnp.dtype(jnp.float32)}
-    flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])  # noqa: E731
+    flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])
     got = {"loss": _rel(l16, l32), "grads": _rel(flat(g16), flat(g32)),
            "params": _rel(flat(p16), flat(p32)), "stats": _rel(flat(s16), flat(s32))}
     assert all(got[k] <= BF16_TOL[k] for k in got), got

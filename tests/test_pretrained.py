@@ -540,8 +540,8 @@ def test_train_cifar_init_from_with_frozen_backbone(tmp_path, caplog):
 @pytest.mark.parametrize("args,match", [
     (["--init-from", "{tmp}/notes.pth"], r"error: {tmp}/notes.pth: not a checkpoint"),
     (["--init-from", "{tmp}/r20.pth"],
-     r"error: {tmp}/r20.pth: state dict \(torchvision layout, 3-3-3 blocks per stage\) does "
-     r"not fit resnet8 \(1-1-1 blocks per stage\): 72 unexpected"),
+     (r"error: {tmp}/r20.pth: state dict \(torchvision layout, 3-3-3 blocks per stage\) does "
+      r"not fit resnet8 \(1-1-1 blocks per stage\): 72 unexpected")),
     (["--freeze-backbone"], "--freeze-backbone needs --init-from PATH"),
 ])
 def test_train_cifar_bad_init_from(tmp_path, capsys, args, match):
