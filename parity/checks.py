@@ -10,7 +10,6 @@ calibrated on a batch, converted into flaxres with ``from_torch``). Each ``check
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import os
@@ -66,6 +65,12 @@ def trajectory_schedule(base_lr: float) -> optax.Schedule:
 def _opt_step(tx, params, grads, opt_state):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
+
+
+def momentum_buffers(model: flaxres.ResNet, opt_state) -> dict[str, np.ndarray]:
+    """``train.optim.sgd``'s momentum trace under PyTorch names and layouts: the
+    ``momentum_buffer`` of each parameter in ``torch.optim.SGD``'s state."""
+    return named_arrays(model, optax.tree_utils.tree_get(opt_state, "trace"))
 
 
 def _flat(key: str, value) -> dict[str, np.ndarray]:
@@ -138,8 +143,7 @@ class Case:
             ref = copy.deepcopy(self.torch_model).to(torch_side.TORCH_DTYPE[precision]).train(train)
             if layout == "channels_last":
                 ref, tx = (t.to(memory_format=torch.channels_last) for t in (ref, tx))
-            pattern = torch_side.relu_pattern(relus) if relus is not None else contextlib.nullcontext()
-            with torch.set_grad_enabled(train), pattern:
+            with torch.set_grad_enabled(train), torch_side.relu_pattern(relus):
                 logits, feats = torch_side.features(ref, tx)
                 out = {"logits": logits.detach().numpy(),
                        "feats": [torch_side.nhwc(f) for f in feats]}
@@ -289,9 +293,8 @@ class Case:
     def flax_trajectory(self, precision: str, before_step: Callable | None = None
                         ) -> tuple[list[float], dict[str, np.ndarray]]:
         """flaxres's TRAJ_STEPS: whole-compiled steps for nets of a few blocks, else the
-        jitted-blocks path of the other checks; ``before_step(step, model, momentum_buffers)``
-        sees the weights and the optimiser's momentum buffers (PyTorch names and layouts) each
-        step starts from."""
+        jitted-blocks path of the other checks; ``before_step(step, model, opt_state)`` sees
+        the weights and the optimiser state (:func:`momentum_buffers`) each step starts from."""
         with jax.enable_x64(precision == "fp64"):
             model = self.model(precision)
             model.train()
@@ -303,8 +306,7 @@ class Case:
             losses = []
             for step in range(TRAJ_STEPS):
                 if before_step:
-                    before_step(step, model,
-                                named_arrays(model, optax.tree_utils.tree_get(opt_state, "trace")))
+                    before_step(step, model, opt_state)
                 _, jx, y = self._x(step, precision)
                 if whole:
                     loss, params, stats, opt_state = flax_side.train_step(
@@ -343,41 +345,41 @@ class Case:
         the dynamics instead: a net at initialisation often amplifies a rounding-sized difference
         (a ReLU input crossing 0) into percents within 20 steps, in either framework (PyTorch
         fp32 ends 91% from float64 on resnet56). One step from shared weights amplifies nothing,
-        while a wrong optimiser or BatchNorm update still shows (without weight decay the
-        tiny nets' states are 2.5e-4 off, ~1000x their rounding error). ``momentum``, ``weight_decay``: PyTorch's step's (to show
-        that the check sees either missing)."""
+        while a wrong optimiser or BatchNorm update still shows (without weight decay the tiny
+        nets' states are 2.5e-4 off, ~1000x their rounding error). ``momentum`` and
+        ``weight_decay`` are PyTorch's step's (to show that the check sees either missing)."""
         lrs = torch_side.lrs(_schedulers, TRAJ_STEPS, base_lr=TRAJ_LR)
         losses64, states, pending = {}, [], None
 
         def probe(step: int, state: dict, buffers: dict, start: flaxres.ResNet,
                   after: dict[str, np.ndarray]) -> None:
-            def take(precision: str, layout: str = "nchw", relus=None) -> tuple[float, dict]:
+            def run(precision: str, layout: str = "nchw", relus=None) -> tuple[float, dict]:
                 return torch_side.sgd_step(self.torch_model, state, buffers, self.batches[step],
                                            precision, lrs[step], momentum, weight_decay,
                                            layout, relus)
 
-            def measure(relus=None, note: str = "") -> Measure:
-                state64 = take("fp64", relus=relus)[1]
-                t32 = functools.cache(lambda: [take("fp32", lay, relus)[1]
+            def measure(state64: dict, relus=None, note: str = "") -> Measure:
+                t32 = functools.cache(lambda: [run("fp32", lay, relus)[1]
                                                for lay in TORCH_LAYOUTS])
                 return worst("step_state", "fp32", [
                     (f"step {step}: {k}", after.get(k), v, lambda k=k: tuple(t[k] for t in t32()))
                     for k, v in state64.items()], TOL["step_state"], note=note)
 
-            loss64 = take("fp64")[0]
-            losses64[step] = loss64, lambda: tuple(take("fp32", lay)[0] for lay in TORCH_LAYOUTS)
-            m = measure()
+            loss64, state64 = run("fp64")
+            losses64[step] = loss64, lambda: tuple(run("fp32", lay)[0] for lay in TORCH_LAYOUTS)
+            m = measure(state64)
             if not m.ok:  # as check_grads: the gradient jumps where rounding crosses a ReLU kink
                 relus = flax_side.train_relus(start, self._x(step)[1])
-                m = measure(relus, "against PyTorch on flaxres fp32's side of every ReLU kink")
+                m = measure(run("fp64", relus=relus)[1], relus,
+                            "against PyTorch on flaxres fp32's side of every ReLU kink")
             states.append(m)
 
-        def before_step(step: int, model: flaxres.ResNet, buffers: dict) -> None:
+        def before_step(step: int, model: flaxres.ResNet, opt_state) -> None:
             nonlocal pending
             if pending:
                 probe(*pending, named_arrays(model))
-            pending = ((step, to_torch(model), buffers, nnx.clone(model)) if step in steps
-                       else None)
+            pending = ((step, to_torch(model), momentum_buffers(model, opt_state),
+                        nnx.clone(model)) if step in steps else None)
 
         losses, final = self.flax_trajectory("fp32", before_step)
         if pending:

@@ -23,6 +23,7 @@ from flax import nnx
 
 import flaxres
 from flaxres.convert import from_torch, named_arrays
+from parity import torch_side
 from parity.measure import rel_err
 from parity.reference import create_torch_model
 from parity.schedules import torch_scheduler
@@ -78,9 +79,7 @@ def torch_run(cfg: Config, data: train_data.Arrays, order: list[np.ndarray],
             opt.step()
             sched.step()
             losses.append(loss.item())
-    state = {k: v.numpy() for k, v in model.state_dict().items()
-             if not k.endswith("num_batches_tracked")}
-    return {"losses": losses, "lrs": lrs, "state": state}
+    return {"losses": losses, "lrs": lrs, "state": torch_side.numpy_state(model)}
 
 
 def flax_run(cfg: Config, data: train_data.Arrays) -> dict:

@@ -55,10 +55,13 @@ def randomize_bn(model: torch.nn.Module, x: torch.Tensor, seed: int) -> None:
 
 
 @contextlib.contextmanager
-def relu_pattern(masks: Sequence[np.ndarray]):
+def relu_pattern(masks: Sequence[np.ndarray] | None):
     """Within: every ``F.relu`` (which the references and ``nn.ReLU`` call) passes its input
     where the next of ``masks`` (NHWC, flaxres's order of ReLUs) is True, else 0: PyTorch float64
-    on the same side of every ReLU kink as a flaxres fp32 run."""
+    on the same side of every ReLU kink as a flaxres fp32 run. ``None``: ReLUs as they are."""
+    if masks is None:
+        yield
+        return
     pending = iter(masks)
 
     def relu(x, inplace=False):
@@ -69,6 +72,12 @@ def relu_pattern(masks: Sequence[np.ndarray]):
         yield
     if next(pending, None) is not None:
         raise AssertionError("PyTorch ran fewer ReLUs than flaxres recorded")
+
+
+def numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The state dict as numpy, without ``num_batches_tracked`` (flaxres keeps no such count)."""
+    return {k: v.numpy() for k, v in model.state_dict().items()
+            if not k.endswith("num_batches_tracked")}
 
 
 def sgd_run(model: torch.nn.Module, batches, precision: str, lr: float, momentum: float,
@@ -87,8 +96,7 @@ def sgd_run(model: torch.nn.Module, batches, precision: str, lr: float, momentum
         opt.step()
         sched.step()
         losses.append(loss.item())
-    return losses, {k: v.numpy() for k, v in ref.state_dict().items()
-                    if not k.endswith("num_batches_tracked")}
+    return losses, numpy_state(ref)
 
 
 def sgd_step(model: torch.nn.Module, state: dict, momentum_buffers: dict[str, np.ndarray],
@@ -110,12 +118,11 @@ def sgd_step(model: torch.nn.Module, state: dict, momentum_buffers: dict[str, np
     opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     for name, p in ref.named_parameters():
         opt.state[p]["momentum_buffer"] = torch.tensor(momentum_buffers[name], dtype=dt)
-    with relu_pattern(relus) if relus is not None else contextlib.nullcontext():
+    with relu_pattern(relus):
         loss = F.cross_entropy(ref(x), torch.from_numpy(batch[1]).long())
         loss.backward()
     opt.step()
-    return loss.item(), {k: v.numpy() for k, v in ref.state_dict().items()
-                         if not k.endswith("num_batches_tracked")}
+    return loss.item(), numpy_state(ref)
 
 
 def lrs(make_scheduler: Callable, steps: int, per_epoch: int = 1, base_lr: float = 0.1

@@ -171,8 +171,8 @@ def run_tests(m: Mutant, tree: Path, timeout: int, xla_cache: Path) -> tuple[boo
            "--no-header", "-rf", *m.tests]
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(xla_cache))
     try:
-        out = subprocess.run(cmd, check=False, cwd=tree, env=env, capture_output=True, text=True,
-                             timeout=timeout)
+        out = subprocess.run(cmd, check=False, cwd=tree, env=env, capture_output=True,
+                             text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return False, f"timed out after {timeout} s"
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out.stdout, re.MULTILINE)
