@@ -57,11 +57,11 @@ CASES: list[Arch] = [registered(n) for n in flaxres.list_models()] + [
     registered("resnet20", shortcut="B"), registered("resnet20", shortcut="C")]
 BY_ID = {a.id: a for a in CASES}
 
-# The representative set of the default tier (the float64 proof, and the checks whose code does
-# not depend on the architecture: SGD, checkpoint files): a BasicBlock net, a bottleneck net (with
-# the ImageNet stem), a ResNeXt and a plain net without BatchNorm, plus the cheap shortcut variants.
-REPRESENTATIVE = frozenset({"resnet20", "resnet50", "resnext29_8x64d", "plain20[norm=False]",
-                          "resnet20[shortcut=B]", "resnet20[shortcut=C]"})
+# The representative set of the default tier (the float64 proof, and the checks marked
+# ``representative``, whose code does not depend on the net: eval mode, features, SGD, checkpoint
+# files): a BasicBlock net, a bottleneck net (with the ImageNet stem), a ResNeXt and a plain net
+# without BatchNorm. Shortcuts B and C get their float64 proof from the tiny trajectories.
+REPRESENTATIVE = frozenset({"resnet20", "resnet50", "resnext29_8x64d", "plain20[norm=False]"})
 # The jitted-blocks path against the plain un-jitted model: every stem, block and norm kind.
 BLOCKWISE_DEFAULT = ("resnet20", "plain20[norm=False]", "resnet20[shortcut=C]")
 BLOCKWISE_FULL = ("resnet18", "resnext29_8x64d", "resnet164")
@@ -117,3 +117,6 @@ TRAJ_PROBED_STEPS = (0, TRAJ_WARMUP, *TRAJ_BOUNDARIES, TRAJ_STEPS - 1)
 # (chaos): the fp32 check is then an expected failure naming it (parity/test_grads.py), never a
 # vacuous pass.
 CHAOS_LIMIT = 1e-2
+# A float64 trajectory whose PyTorch run moves past the tolerance when its initial weights move
+# by this relative amount (float64 rounding's size) is chaotic: compared step by step instead.
+CHAOS_JITTER = 1e-15

@@ -5,7 +5,7 @@ A test taking ``case`` runs once per architecture of :data:`parity.cases.CASES`;
 so pytest runs all checks of one architecture together and drops its models before building the
 next (the largest nets hold ~1 GB); under pytest-xdist (``-n``) all tests of one architecture go
 to one worker (``xdist_group``). Marked ``full`` (``pytest --full``): float64 outside
-``REPRESENTATIVE`` and tests marked ``representative`` outside ``REPRESENTATIVE``.
+``REPRESENTATIVE``, and every test marked ``representative`` outside ``REPRESENTATIVE``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     params = []
     for arch in CASES:
         for p in PRECISIONS if "precision" in metafunc.fixturenames else (None,):
-            full = (p == "fp64" and arch.id not in REPRESENTATIVE) or (
-                p is None and "representative" in metafunc.definition.keywords
-                and arch.id not in REPRESENTATIVE)
+            full = arch.id not in REPRESENTATIVE and (
+                p == "fp64" or "representative" in metafunc.definition.keywords)
             values = (arch, p) if p else (arch,)
             params.append(pytest.param(*values, id=f"{arch.id}-{p}" if p else arch.id,
                                        marks=[pytest.mark.xdist_group(arch.id)]

@@ -8,7 +8,11 @@ from parity.checks import Case
 from parity.conftest import assert_measures
 
 
+@pytest.mark.representative
 def test_eval_logits(case: Case, precision: str):
+    """Eval mode changes only what each BatchNorm normalises with (``test_models.py`` checks
+    the switch reaches every one), so outside the representative set it runs with ``--full``;
+    train-mode logits are checked on every net."""
     assert_measures(case.check_eval(precision))
 
 
@@ -16,7 +20,10 @@ def test_train_logits_and_bn_stats(case: Case, precision: str):
     assert_measures(case.check_train(precision))
 
 
+@pytest.mark.representative
 def test_stage_features(case: Case, precision: str):
+    """``features`` is the stem and the stages ``__call__`` runs, returned before the head, so
+    outside the representative set its check runs with ``--full``."""
     assert_measures(case.check_features(precision))
 
 

@@ -81,11 +81,18 @@ def numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def sgd_run(model: torch.nn.Module, batches, precision: str, lr: float, momentum: float,
-            weight_decay: float, schedulers: Callable) -> tuple[list[float], dict]:
+            weight_decay: float, schedulers: Callable, jitter: float = 0.0
+            ) -> tuple[list[float], dict]:
     """``torch.optim.SGD`` over ``batches`` (NCHW float arrays, labels), the scheduler stepped
-    every iteration: the loss at each step and the final state dict (numpy)."""
+    every iteration: the loss at each step and the final state dict (numpy). ``jitter``: each
+    initial weight first moves by this relative amount at random (a rounding-sized change)."""
     dt = TORCH_DTYPE[precision]
     ref = copy.deepcopy(model).to(dt).train()
+    if jitter:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.mul_(1 + jitter * torch.randn(p.shape, generator=gen, dtype=dt))
     opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = schedulers(opt)
     losses = []
@@ -109,9 +116,9 @@ def sgd_step(model: torch.nn.Module, state: dict, momentum_buffers: dict[str, np
     following ``relus`` if given (:func:`relu_pattern`): the loss and the state dict (numpy)
     after the step."""
     dt = TORCH_DTYPE[precision]
-    ref = copy.deepcopy(model)
-    ref.load_state_dict(state)
-    ref = ref.to(dt).train()
+    ref = copy.deepcopy(model).to(dt)
+    ref.load_state_dict(state)  # after .to(dt): a float64 state loaded into fp32 would round
+    ref.train()
     x = torch.from_numpy(batch[0]).to(dt)
     if layout == "channels_last":
         ref, x = (t.to(memory_format=torch.channels_last) for t in (ref, x))

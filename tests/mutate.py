@@ -36,14 +36,16 @@ class Mutant:
     tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
 
 
-def _forward(*case_ids: str) -> tuple[str, ...]:
-    """The fp32 forward checks (eval, train + BN stats, features) of these parity cases."""
-    return tuple(f"parity/test_forward.py::{t}[{c}-fp32]" for c in case_ids
-                 for t in ("test_eval_logits", "test_train_logits_and_bn_stats",
-                           "test_stage_features"))
+def _forward(*case_ids: str, tests: tuple[str, ...] = (
+        "test_eval_logits", "test_train_logits_and_bn_stats", "test_stage_features")
+             ) -> tuple[str, ...]:
+    """fp32 forward checks of these parity cases (by default eval, train + BN stats, features:
+    the default tier's for a representative case)."""
+    return tuple(f"parity/test_forward.py::{t}[{c}-fp32]" for c in case_ids for t in tests)
 
 
-MODELS = ("tests/test_models.py",) + _forward("resnet20", "resnet18", "resnet50")
+MODELS = (("tests/test_models.py",) + _forward("resnet20", "resnet50")
+          + _forward("resnet18", tests=("test_train_logits_and_bn_stats",)))
 TRAIN = ("tests/test_train.py",)
 PRETRAINED = ("tests/test_pretrained.py",)
 TRAINING_PATH = ("parity/test_training_path.py",)

@@ -55,9 +55,10 @@ def test_every_registered_name_is_counted():
 @pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet164", "resnet18_cifar",
                                   "resnet18", "resnext29_8x64d"])
 def test_forward_shapes_and_dtype(name):
-    model = flaxres.create_model(name, num_classes=7)
+    """Traced, not run: the parity suite runs every registered net's forward."""
     size = 32 if flaxres.model_stem(name) == "imagenet" else 16
-    out = model(jnp.zeros((2, size, size, 3)))
+    out = nnx.eval_shape(
+        lambda: flaxres.create_model(name, num_classes=7)(jnp.zeros((2, size, size, 3))))
     assert out.shape == (2, 7) and out.dtype == jnp.float32
 
 
@@ -160,6 +161,19 @@ def test_batchnorm_eval_mode_uses_running_stats_and_freezes_them():
     assert all(jax.tree.leaves(jax.tree.map(lambda p, q: bool(jnp.all(p == q)), stats, after)))
     model.train()
     assert not np.allclose(model(x[:2])[0], a[0], atol=1e-3)  # train mode: batch statistics
+
+
+@pytest.mark.parametrize("name", flaxres.list_models())
+def test_eval_and_train_reach_every_batchnorm(name):
+    """What eval mode changes, on every net (the parity suite checks eval-mode logits on a
+    representative set by default)."""
+    model = shapes_only(name)
+    norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
+    assert norms
+    model.eval()
+    assert all(m.use_running_average for m in norms)
+    model.train()
+    assert not any(m.use_running_average for m in norms)
 
 
 def test_no_norm_variant():

@@ -112,3 +112,23 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
     assert r["archs"]["resnet20"]["flops_per_image"] == 2 * 40_551_040
     assert r["archs"]["resnet20"]["logits_rel_err"] < 1e-5
     assert "precision policy `tf32`" in (tmp_path / "r.md").read_text()
+
+
+def test_profile_classifies_the_compiled_step():
+    """parity.speed.profile names each thunk by its HLO instruction: convolutions, fusions with a
+    reduction, and the backward pass (where JAX's metadata names it) are told apart in a compiled
+    gradient."""
+    import jax
+
+    from parity.speed import profile
+
+    def loss(w, x):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.square(jax.nn.relu(y) - y.mean((0, 1, 2))).sum()
+
+    w, x = jnp.ones((3, 3, 4, 4)), jnp.ones((2, 8, 8, 4))
+    kinds = set(profile.classify_hlo(jax.jit(jax.grad(loss)).lower(w, x).compile().as_text())
+                .values())
+    assert "convolution" in kinds and "fusion with a reduction" in kinds, kinds
+    assert "fusion with a reduction (backward)" in kinds, kinds

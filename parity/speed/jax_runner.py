@@ -29,6 +29,7 @@ class JaxRunner:
     train: Callable[[], None]
     infer: Callable[[], None]
     logits: Callable[[], np.ndarray]  # eval-mode logits of the batch, initial weights
+    programs: Callable[[], dict[str, str]]  # compiled HLO of "train" and "infer" (the profile)
     flops_per_image: float  # forward
     mesh: jax.sharding.Mesh
     train_def: nnx.GraphDef
@@ -74,7 +75,13 @@ def build(arch: str, images: np.ndarray, labels: np.ndarray, *, num_classes: int
     def forward(s: steps.TrainState, u8: jax.Array) -> jax.Array:
         return nnx.merge(eval_def, s.params, s.batch_stats)(data.normalize(u8, mean, std))
 
+    def programs() -> dict[str, str]:
+        return {"train": step.lower(live["state"], live["metrics"], perm, x, y, index)
+                .compile().as_text(),
+                "infer": predict.lower(eval_state, x).compile().as_text()}
+
     return JaxRunner(model=model, train=train, infer=infer,
                      logits=lambda: np.asarray(jax.jit(forward)(eval_state, x), np.float64),
+                     programs=programs,
                      flops_per_image=flops.flops_per_image(forward, eval_state, x[:1]),
                      mesh=mesh, train_def=train_def, tx=tx, initial_state=initial)
