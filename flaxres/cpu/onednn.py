@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.machinery
-import os
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -59,11 +58,6 @@ def load(path: Path | None) -> ctypes.CDLL:
     if path is None:
         raise OSError("C++ extension not built; reinstall flaxres with pip on Linux x86-64, "
                       "see docs/onednn.md")
-    # oneDNN's OpenMP threads otherwise spin after each convolution and take the cores that
-    # XLA's own threads need for the BatchNorm and ReLU work in between: a ResNet-20 train step
-    # went from 337 to 292 ms (2-core EPYC, docs/performance.md). libgomp reads this once, when
-    # it is loaded (next); a value the user set wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     runtime = _runtime_path()
     if runtime is not None:  # loaded first, so the extension's DT_NEEDED resolves to it
         ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
