@@ -422,8 +422,11 @@ class Case:
         if pending:
             probe(*pending, final)
         loss_pairs = [(f"step {k}", losses[k], *ref) for k, ref in losses64.items()]
-        return [worst("step_loss", precision, loss_pairs, TOL["step_loss"]),
-                max(states, key=lambda m: m.error / m.allowed)]
+        measures = [worst("step_loss", precision, loss_pairs, TOL["step_loss"]),
+                    max(states, key=lambda m: m.error / m.allowed)]
+        for m in measures:  # as check_grads: a step PyTorch fp32 itself cannot take says nothing
+            m.chaotic = not m.ok and m.floor > CHAOS_LIMIT
+        return measures
 
     def check_checkpoint(self) -> Measure:
         """Train the reference 3 steps in PyTorch, torch.save it bare and DataParallel-wrapped

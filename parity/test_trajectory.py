@@ -46,12 +46,14 @@ def test_momentum_and_weight_decay_matter(tiny: Case):
 
 @pytest.mark.full
 def test_trajectory(case: Case, precision: str):
-    """Where the net's fp32 gradient at initialisation is itself chaotic (``test_grads``:
-    plain110, PyTorch fp32 62% off float64), so are its fp32 steps: a miss there is an
-    expected failure that says so."""
+    """An fp32 miss is an expected failure that says why where fp32 itself is chaotic there:
+    the net's fp32 gradient at initialisation (``test_grads``: plain110, PyTorch fp32 62% off
+    float64), or a probed step PyTorch fp32 takes more than CHAOS_LIMIT off float64 (resnet50
+    at batch 2, whose training explodes: at step 3 its loss is 3e-7, and PyTorch fp32's 19% off)."""
     measures = case.check_trajectory(precision)
-    if (precision == "fp32" and not all(m.ok for m in measures)
-            and (grads := case.check_grads("fp32")).chaotic):
-        pytest.xfail(f"fp32 gradients chaotic ({grads}); " + "; ".join(map(str, measures)))
+    if precision == "fp32" and not all(m.ok for m in measures):
+        if any(m.chaotic for m in measures):
+            pytest.xfail("fp32 steps chaotic: " + "; ".join(map(str, measures)))
+        if (grads := case.check_grads("fp32")).chaotic:
+            pytest.xfail(f"fp32 gradients chaotic ({grads}); " + "; ".join(map(str, measures)))
     assert_measures(*measures)
-
