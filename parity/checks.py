@@ -88,6 +88,13 @@ def _loss_and_grads(out: dict) -> dict[str, np.ndarray]:
     return {"loss": out["loss"], **out["grads"]}
 
 
+def _flag_chaos(m: Measure) -> Measure:
+    """Marks an fp32 miss ``chaotic`` where PyTorch fp32 itself is beyond CHAOS_LIMIT of
+    float64: no fp32 run can then be held to another."""
+    m.chaotic = not m.ok and m.floor > CHAOS_LIMIT
+    return m
+
+
 def _whole_trajectory(p: str, mine: tuple[list[float], dict], ref: tuple[list[float], dict]
                       ) -> list[Measure]:
     """Two trajectories (losses, final state) compared: every step's loss, then the state."""
@@ -257,8 +264,7 @@ class Case:
         another, and the measure says ``chaotic``."""
         m = self._measure("grads", p, True, ["loss", "grads"])
         if p == "fp32" and not m.ok and m.extra_ok:
-            m = self._grads_on_fp32_side()
-            m.chaotic = not m.ok and m.floor > CHAOS_LIMIT
+            m = _flag_chaos(self._grads_on_fp32_side())
         return m
 
     def _grads_on_fp32_side(self) -> Measure:
@@ -360,11 +366,12 @@ class Case:
                                    self.torch_trajectory(p))
         if all(m.ok for m in spread):
             return whole
+        note = (f"float64 dynamics chaotic: PyTorch float64 from weights moved by "
+                f"{CHAOS_JITTER:.0e} ends {max(m.error for m in spread):.1e} off, so the steps "
+                "are checked from flaxres's own state")
         steps = self.check_trajectory_steps(precision=p)
         for m in steps:
-            m.note = (f"float64 dynamics chaotic: PyTorch float64 from weights moved by "
-                      f"{CHAOS_JITTER:.0e} ends {max(m.error for m in spread):.1e} off, so the "
-                      "steps are checked from flaxres's own state")
+            m.note = note
         return steps
 
     def check_trajectory_steps(self, steps: Sequence[int] = TRAJ_PROBED_STEPS,
@@ -422,11 +429,9 @@ class Case:
         if pending:
             probe(*pending, final)
         loss_pairs = [(f"step {k}", losses[k], *ref) for k, ref in losses64.items()]
-        measures = [worst("step_loss", precision, loss_pairs, TOL["step_loss"]),
-                    max(states, key=lambda m: m.error / m.allowed)]
-        for m in measures:  # as check_grads: a step PyTorch fp32 itself cannot take says nothing
-            m.chaotic = not m.ok and m.floor > CHAOS_LIMIT
-        return measures
+        # As check_grads: a step PyTorch fp32 itself cannot take says nothing.
+        return [_flag_chaos(worst("step_loss", precision, loss_pairs, TOL["step_loss"])),
+                _flag_chaos(max(states, key=lambda m: m.error / m.allowed))]
 
     def check_checkpoint(self) -> Measure:
         """Train the reference 3 steps in PyTorch, torch.save it bare and DataParallel-wrapped
