@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flaxres.cpu.malloc import retain_freed_memory
 from parity.reference import create_torch_model
 from train import cifar, loop
 from train.config import Config
@@ -109,6 +110,7 @@ def summarize(accs: list[float]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    retain_freed_memory()  # both frameworks' runs share this process's malloc settings
     p = argparse.ArgumentParser(prog="python -m parity.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet20", help="architecture (default: resnet20)")

@@ -82,7 +82,7 @@ def test_markdown_states_the_precision_policy():
                     "date_utc": "now", "loadavg_start": None},
         "args": {"threads": 2, "precision": "fp32", "batch_size": 8},
         "peak": {"matmul_n": 8, "peak_flop_s": 1e9, "jax_flop_s": 1e9, "torch_flop_s": 1e9},
-        "flaxres_ops": "on", "cpu_conv": "onednn 3.2.0",
+        "flaxres_ops": "on", "cpu_conv": "onednn 3.2.0", "malloc": "retain",
         "precision_policy": {"policy": "highest", "jax_default_matmul_precision": "highest",
                              "torch.backends.cuda.matmul.fp32_precision": "ieee"},
         "archs": {"resnet20": {"flops_per_image": 8.1e7, "weights": "w", "frameworks": {
@@ -90,8 +90,26 @@ def test_markdown_states_the_precision_policy():
     }
     md = report.markdown(results)
     assert "precision policy `highest`" in md and "cuda.matmul=ieee" in md
-    assert "CPU convolutions: onednn 3.2.0." in md
+    assert "CPU convolutions: onednn 3.2.0, malloc: retain." in md
+    assert "flaxres ÷ the fastest PyTorch: train 1.00×." in md
     assert "| resnet20 | flaxres-jit | 100 (90–110) | 2430% | 1.00× |" in md
+
+
+def test_rounds_keep_each_frameworks_median_round():
+    """--rounds: each framework's median round, the range over all rounds, and per-round ratios to
+    the fastest PyTorch variant (rounds pair runs made close in time)."""
+    def timing(img_s):
+        return {"img_s": img_s, "img_s_range": [img_s - 5, img_s + 5], "compile_s": 1.0}
+
+    rounds = [{"flaxres-jit": {"train": timing(t)}, "torch-compile": {"train": timing(c)}}
+              for t, c in ((100, 90), (130, 140), (110, 100))]
+    merged = cli.median_round(rounds)
+    assert merged["flaxres-jit"]["train"]["img_s"] == 110
+    assert merged["flaxres-jit"]["train"]["img_s_range"] == [95, 135]
+    assert merged["torch-compile"]["train"]["img_s"] == 100
+    line = report._against_fastest("resnet20", {"frameworks": merged, "rounds": rounds})
+    assert line == ("- resnet20: flaxres ÷ the fastest PyTorch: train 1.10× (rounds: 1.11×, "
+                    "0.93×, 1.10×).")
 
 
 @pytest.mark.full

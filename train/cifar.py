@@ -22,6 +22,7 @@ import typing
 import jax
 
 from flaxres.cpu import onednn
+from flaxres.cpu.malloc import retain_freed_memory
 from train import checkpoint, data, inference, loop, parallel
 from train.config import Config
 
@@ -86,6 +87,7 @@ def enable_compilation_cache(default_dir: str | os.PathLike | None = None) -> No
 
 
 def main(argv: list[str] | None = None) -> None:
+    retain_freed_memory()  # before XLA's threads start: each step's buffers reused, not faulted in
     cfg = parse_args(argv)
     if cfg.distributed:
         try:

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 import flaxres
+from flaxres.cpu.malloc import retain_freed_memory
 from train import data, optim, probe, steps, study_report
 from train.config import CIFAR_MEAN, CIFAR_STD
 
@@ -260,6 +261,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    retain_freed_memory()  # before XLA's threads start, as in train.cifar
     args = parse_args(argv)
     # Reruns skip XLA compiles (seconds each on a small CPU); JAX_COMPILATION_CACHE_DIR wins.
     if not jax.config.jax_compilation_cache_dir:

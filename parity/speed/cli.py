@@ -11,7 +11,7 @@ import sys
 import tempfile
 
 from parity.speed.report import FRAMEWORKS
-from parity.speed.threads import set_threads
+from parity.speed.threads import add_malloc_flag, set_malloc, set_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU threads for both frameworks")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (>= 10 for results)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs after compilation")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="isolated mode: run the frameworks' processes this many times in turn "
+                        "and report each framework's median round (on a machine whose speed "
+                        "drifts, the rounds pair each framework with the others' nearby runs)")
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS),
                    help=f"subset of {','.join(FRAMEWORKS)}")
     p.add_argument("--modes", default="train,infer", help="train, infer or both")
@@ -58,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-conv", choices=("xla", "onednn"), default="xla",
                    help="who runs flaxres's fp32 convolutions on the CPU (flaxres.CpuOps.conv): "
                         "XLA or oneDNN through jax.ffi (docs/onednn.md); recorded in the results")
+    add_malloc_flag(p)
     args = p.parse_args(argv)
     if args.cpu_conv == "onednn":
         from flaxres.cpu import onednn
@@ -68,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"--frameworks: unknown {', '.join(sorted(unknown))}; choose from "
                 f"{', '.join(FRAMEWORKS)}")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if set(_names(args.modes)) - {"train", "infer"}:
         p.error("--modes takes train, infer or train,infer")
     return args
@@ -99,9 +106,11 @@ def _names(csv: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    malloc = set_malloc(args.malloc)
     fws = _names(args.frameworks)
     if args.interleave or len(fws) == 1:
         results = measure(args, fws)
+        results["malloc"] = malloc
     else:
         results = isolated(argv, args, fws)
     write(results, args)
@@ -184,30 +193,38 @@ def _e2e(args: argparse.Namespace, jb, torch_module) -> dict:
 def isolated(argv: list[str], args: argparse.Namespace, fws: list[str]) -> dict:
     """Each framework timed by a fresh ``python -m parity.speed`` process of its own, in turn;
     the results merged; then the end-to-end run (itself one framework at a time) here."""
-    results = None
+    results, rounds = None, []
     with tempfile.TemporaryDirectory() as d:
-        for fw in fws:
-            out = os.path.join(d, f"{fw}.json")
-            cmd = [sys.executable, "-m", "parity.speed", *argv, "--frameworks", fw, "--skip-e2e",
-                   "--json", out, "--md", "", "--plot", ""]
-            # A torch process uses JAX only to build the weights: without preallocation JAX
-            # leaves the GPU's memory to torch (it takes 75% at first use otherwise).
-            env = dict(os.environ, **({} if fw == "flaxres-jit"
-                                      else {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}))
-            subprocess.run(cmd, check=True, env=env)
-            with open(out) as f:
-                sub = json.load(f)
-            if results is None:
-                results = sub
-                continue
-            for arch, r in sub["archs"].items():
-                mine = results["archs"][arch]
-                mine["frameworks"].update(r["frameworks"])
-                mine.update({k: v for k, v in r.items() if k not in mine})
-            if sub["peak"]["peak_flop_s"] > results["peak"]["peak_flop_s"]:
-                results["peak"] = sub["peak"]
+        for i in range(args.rounds):
+            rounds.append({})
+            for fw in fws:
+                out = os.path.join(d, f"{fw}-{i}.json")
+                cmd = [sys.executable, "-m", "parity.speed", *argv, "--frameworks", fw,
+                       "--skip-e2e", "--rounds", "1", "--json", out, "--md", "", "--plot", ""]
+                # A torch process uses JAX only to build the weights: without preallocation JAX
+                # leaves the GPU's memory to torch (it takes 75% at first use otherwise).
+                env = dict(os.environ, **({} if fw == "flaxres-jit"
+                                          else {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}))
+                subprocess.run(cmd, check=True, env=env)
+                with open(out) as f:
+                    sub = json.load(f)
+                for arch, r in sub["archs"].items():
+                    rounds[i].setdefault(arch, {}).update(r["frameworks"])
+                if results is None:
+                    results = sub
+                    continue
+                for arch, r in sub["archs"].items():
+                    mine = results["archs"][arch]
+                    mine.update({k: v for k, v in r.items() if k not in mine})
+                if sub["peak"]["peak_flop_s"] > results["peak"]["peak_flop_s"]:
+                    results["peak"] = sub["peak"]
+    for arch, r in results["archs"].items():
+        r["frameworks"] = median_round([rnd[arch] for rnd in rounds])
+        if args.rounds > 1:
+            r["rounds"] = [rnd[arch] for rnd in rounds]
     results["args"] = vars(args)
-    results["timing"] = "each framework in its own process, one after the other"
+    results["timing"] = ("each framework in its own process, one after the other"
+                         + (f", {args.rounds} rounds, median round" if args.rounds > 1 else ""))
     if not args.skip_e2e:
         set_threads(args.threads)
         import torch
@@ -225,6 +242,23 @@ def isolated(argv: list[str], args: argparse.Namespace, fws: list[str]) -> dict:
                 base = torch_runner.reference_with_weights_of(arch, jb.model, args.num_classes)
                 results["archs"][arch]["e2e"] = _e2e(args, jb, base)
     return results
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """Per framework and mode, the round with the median img/s (its own reps' range and compile
+    time kept); the range widened to the slowest and fastest round's."""
+    import statistics
+
+    merged = {}
+    for fw in rounds[0]:
+        for mode in rounds[0][fw]:
+            runs = sorted((rnd[fw][mode] for rnd in rounds), key=lambda s: s["img_s"])
+            mid = dict(runs[(len(runs) - 1) // 2])
+            mid["img_s"] = statistics.median(s["img_s"] for s in runs)
+            mid["img_s_range"] = [min(s["img_s_range"][0] for s in runs),
+                                  max(s["img_s_range"][1] for s in runs)]
+            merged.setdefault(fw, {})[mode] = mid
+    return merged
 
 
 def write(results: dict, args: argparse.Namespace) -> None:

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from parity.speed.threads import set_threads
+from parity.speed.threads import add_malloc_flag, set_malloc, set_threads
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\((.*)$")
 _COMPUTATION = re.compile(r"^%?([\w.\-]+) .*\{$")
@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated PyTorch variants to profile (parity.speed's names)")
     p.add_argument("--top", type=int, default=12, help="rows per table")
     p.add_argument("--json", help="write the profile here too")
+    add_malloc_flag(p)
     return p.parse_args(argv)
 
 
@@ -145,6 +146,7 @@ def table(title: str, prof: dict, top: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     set_threads(args.threads)
+    malloc = set_malloc(args.malloc)
     import dataclasses
 
     import torch
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                           mean=CIFAR_MEAN, std=CIFAR_STD)
     programs = jb.programs()
     out = {"arch": args.arch, "batch": args.batch_size, "threads": args.threads,
-           "cpu_conv": args.cpu_conv, "profiles": {}}
+           "cpu_conv": args.cpu_conv, "malloc": malloc, "profiles": {}}
     for mode in ("train", "infer"):
         out["profiles"][f"flaxres {mode}"] = profile_flaxres(getattr(jb, mode), programs[mode],
                                                              args.reps)
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in ("train", "infer"):
             out["profiles"][f"{variant} {mode}"] = profile_torch(getattr(tr, mode), args.reps)
     print(f"# {args.arch}, batch {args.batch_size}, {args.threads} threads, "
-          f"--cpu-conv {args.cpu_conv}")
+          f"--cpu-conv {args.cpu_conv}, --malloc {malloc}")
     for title, prof in out["profiles"].items():
         print(table(title, prof, args.top))
     if args.json:

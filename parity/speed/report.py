@@ -66,7 +66,8 @@ def markdown(results: dict) -> str:
         f"Peak ({args['precision']} matmul {peak['matmul_n']}^3): "
         f"{peak['peak_flop_s'] / 1e9:.1f} GFLOP/s (jax {peak['jax_flop_s'] / 1e9:.1f}, "
         f"torch {peak['torch_flop_s'] / 1e9:.1f}). flaxres CPU ops: {results['flaxres_ops']}, "
-        f"CPU convolutions: {results.get('cpu_conv', 'xla')}. "
+        f"CPU convolutions: {results.get('cpu_conv', 'xla')}, malloc: "
+        f"{results.get('malloc', 'glibc')}. "
         "Median over the timed reps, (range) = slowest–fastest rep; "
         f"{results.get('timing', 'reps interleaved across frameworks')}.")
     lines = [machine_line, peak_line, _policy_line(results), ""]
@@ -97,6 +98,9 @@ def markdown(results: dict) -> str:
                      f"(train = 3×); weights {r['weights']}; eval logits rel. diff flaxres vs "
                      f"torch {r.get('logits_rel_err', float('nan')):.1e}.")
     for arch, r in results["archs"].items():
+        if line := _against_fastest(arch, r):
+            lines.append(line)
+    for arch, r in results["archs"].items():
         e = r.get("e2e")
         if e:
             parts = [f"{fw} {e[fw]['img_s']:.0f} img/s (epoch ≈ {e[fw]['epoch_s_est']:.0f} s)"
@@ -104,6 +108,27 @@ def markdown(results: dict) -> str:
             lines.append(f"- end to end {arch} ({e['images']} of {e['of_epoch']} training images "
                          f"timed): " + "; ".join(parts) + ".")
     return "\n".join(lines) + "\n"
+
+
+def fastest_torch_ratio(frameworks: dict, mode: str) -> float | None:
+    """flaxres's img/s over the fastest PyTorch variant's, in one mode (None if either is
+    missing)."""
+    torch = [v[mode]["img_s"] for fw, v in frameworks.items()
+             if fw.startswith("torch") and mode in v]
+    mine = frameworks.get("flaxres-jit", {}).get(mode)
+    return mine["img_s"] / max(torch) if torch and mine else None
+
+
+def _against_fastest(arch: str, r: dict) -> str:
+    parts = []
+    for mode in ("train", "infer"):
+        ratio = fastest_torch_ratio(r["frameworks"], mode)
+        if ratio is None:
+            continue
+        rounds = [fastest_torch_ratio(rnd, mode) for rnd in r.get("rounds", [])]
+        each = f" (rounds: {', '.join(f'{x:.2f}×' for x in rounds)})" if rounds else ""
+        parts.append(f"{mode} {ratio:.2f}×{each}")
+    return f"- {arch}: flaxres ÷ the fastest PyTorch: {'; '.join(parts)}." if parts else ""
 
 
 def plot(results: dict, path: str) -> None:

@@ -1,7 +1,9 @@
-"""CPU thread settings shared by both frameworks; they must be set before jax is imported."""
+"""CPU process settings shared by both frameworks: threads (before jax is imported) and malloc
+(before the first computation)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 
 
@@ -17,3 +19,19 @@ def set_threads(n: int) -> None:
         os.sched_setaffinity(0, cpus[:n])
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(n)
+
+
+def add_malloc_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--malloc", choices=("retain", "glibc"), default="retain",
+                   help="retain: glibc keeps freed memory for reuse in every framework's process "
+                        "(flaxres.cpu.malloc; XLA:CPU otherwise page-faults each step's buffer "
+                        "in anew); glibc: its defaults, for before/after comparisons")
+
+
+def set_malloc(choice: str) -> str:
+    """Applies ``--malloc``; what took effect, for the results."""
+    from flaxres.cpu.malloc import retain_freed_memory  # imports jax: after set_threads
+
+    if choice == "retain" and not retain_freed_memory():
+        return "glibc (no mallopt here)"
+    return choice
