@@ -1,4 +1,5 @@
-"""Builds flaxres's optional C++ extension: oneDNN convolutions as XLA FFI handlers (CPU).
+"""Builds flaxres's optional C++ extension: oneDNN convolutions and batch norm as XLA FFI handlers
+(CPU).
 
 Metadata lives in pyproject.toml. The extension is optional: when oneDNN's headers, the FFI
 headers or a compiler are missing, or the build fails, the install goes on with a warning and
@@ -54,8 +55,9 @@ class OptionalBuildExt(build_ext):
 
 setup(
     ext_modules=[Extension(
-        "flaxres.cpu._onednn_conv",
-        sources=["flaxres/csrc/onednn_conv.cc"],
+        "flaxres.cpu._onednn",
+        sources=["flaxres/csrc/onednn_conv.cc", "flaxres/csrc/onednn_bn.cc"],
+        depends=["flaxres/csrc/onednn_common.h"],
         language="c++",
         extra_compile_args=["-std=c++17", "-O2", "-g0", "-fvisibility=hidden"],
         extra_link_args=[f"-l:{ONEDNN_LIBRARY}", "-lgomp", "-Wl,--no-undefined"],

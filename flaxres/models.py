@@ -64,22 +64,34 @@ class BatchNorm(nnx.Module):
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
         self.var = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, relu: bool = False) -> jax.Array:
+        """Normalised ``x``; ``relu=True`` applies the ReLU that follows in the net, which the CPU
+        backend fuses into the normalisation (same function)."""
         out_dtype = self.dtype or x.dtype
         x32 = x.astype(ops.accumulation_dtype(x.dtype))
+        fuse = relu and x32.dtype == out_dtype  # bf16 models apply the ReLU after rounding
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
             # Same formula as below, with a closed-form backward pass on the CPU (flaxres.ops).
             y, mean, var = ops.batch_norm_train(x32, self.scale[...], self.bias[...],
-                                                self.epsilon, cpu=self.cpu_ops)
+                                                self.epsilon, relu=fuse, cpu=self.cpu_ops)
             n = math.prod(x.shape[:-1])
             m = self.momentum
             self.mean[...] = (1 - m) * self.mean[...] + m * mean
             self.var[...] = (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))
-            return y.astype(out_dtype)
+            return _relu_if(relu and not fuse, y.astype(out_dtype))
         inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
-        return ((x32 - mean) * inv + self.bias[...]).astype(out_dtype)
+        return _relu_if(relu, ((x32 - mean) * inv + self.bias[...]).astype(out_dtype))
+
+
+def _relu_if(relu: bool, x: jax.Array) -> jax.Array:
+    return nnx.relu(x) if relu else x
+
+
+def _bn_relu(bn: BatchNorm | None, x: jax.Array) -> jax.Array:
+    """``relu(bn(x))`` (just the ReLU in nets without BatchNorm), fused where the backend can."""
+    return nnx.relu(x) if bn is None else bn(x, relu=True)
 
 
 class _KeyStream:
@@ -180,7 +192,7 @@ class BasicBlock(nnx.Module):
         self.pad_shortcut, self.downsample = _make_shortcut(L, shortcut, cin, planes, stride)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        out = nnx.relu(_maybe(self.bn1, self.conv1(x)))
+        out = _bn_relu(self.bn1, self.conv1(x))
         out = _maybe(self.bn2, self.conv2(out))
         return nnx.relu(out + self._shortcut(x)) if self.has_shortcut else nnx.relu(out)
 
@@ -212,8 +224,8 @@ class Bottleneck(BasicBlock):
         self.pad_shortcut, self.downsample = _make_shortcut(L, shortcut, cin, cout, stride)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        out = nnx.relu(_maybe(self.bn1, self.conv1(x)))
-        out = nnx.relu(_maybe(self.bn2, self.conv2(out)))
+        out = _bn_relu(self.bn1, self.conv1(x))
+        out = _bn_relu(self.bn2, self.conv2(out))
         out = _maybe(self.bn3, self.conv3(out))
         return nnx.relu(out + self._shortcut(x)) if self.has_shortcut else nnx.relu(out)
 
@@ -292,7 +304,7 @@ class ResNet(nnx.Module):
         ``every_block`` each block's output instead of each stage's, so a study can follow the
         activations through the depth of the net (``train.probe``)."""
         self.check_input(x)
-        x = nnx.relu(_maybe(self.bn1, self.conv1(x.astype(self.dtype))))
+        x = _bn_relu(self.bn1, self.conv1(x.astype(self.dtype)))
         if self.stem == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         outs = [x]

@@ -22,10 +22,11 @@ Cases the CPU path does not handle (input/kernel dilation, non-NHWC/HWIO layouts
 padding, batch_group_count, non-2-D, integer dtypes, grouped convolutions with more than one group,
 where the scan-GEMM was not faster) go to ``lax.conv_general_dilated`` unchanged.
 
-``CpuOps(conv="onednn")`` runs fp32 convolutions (forward and both gradients, groups included) in
-oneDNN through ``jax.ffi`` instead (:mod:`flaxres.cpu.onednn`, docs/onednn.md), again only in the
-CPU branch; float64, bf16 and the cases above keep the paths described here, and so does
-everything when the C++ extension is not built (with one warning).
+``CpuOps(conv="onednn")`` runs fp32 convolutions (forward and both gradients, groups included) and
+train-mode BatchNorm (with the ReLU that follows it) in oneDNN through ``jax.ffi`` instead
+(:mod:`flaxres.cpu.onednn`, docs/onednn.md), again only in the CPU branch; float64, bf16 and the
+cases above keep the paths described here, and so does everything when the C++ extension is not
+built (with one warning).
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ class CpuOps:
     wgrad_chunk_rows: int = 4096
     # Who runs fp32 convolutions on the CPU: XLA (with the paths above) or oneDNN via jax.ffi.
     conv: Literal["xla", "onednn"] = "xla"
-    # oneDNN's OpenMP threads per convolution; 0 = OpenMP's default (OMP_NUM_THREADS or all cores).
+    # oneDNN's OpenMP threads per call; 0 = OpenMP's default (OMP_NUM_THREADS or all cores).
     onednn_threads: int = 0
+    # With conv="onednn": train-mode BatchNorm (and its ReLU) in oneDNN too; False for A/B runs.
+    onednn_batch_norm: bool = True
 
     def __post_init__(self):
         if self.conv not in ("xla", "onednn"):
@@ -218,22 +221,36 @@ def weight_grad(x, g, w_shape: Sequence[int], strides, pads, chunk_rows: int = 4
 # ----------------------------------------------------------------------------- BatchNorm
 
 
-def batch_norm_train(x, scale, bias, epsilon: float, *, cpu: CpuOps = CpuOps()):
-    """Train-mode batch normalisation over all axes but the last, in the input's dtype (fp32).
+def batch_norm_train(x, scale, bias, epsilon: float, *, relu: bool = False,
+                     cpu: CpuOps = CpuOps()):
+    """Train-mode batch normalisation over all axes but the last, in the input's dtype (fp32),
+    followed by a ReLU if ``relu``.
 
     Returns ``(y, mean, var)`` with the biased variance, exactly the forward formula of
     :class:`flaxres.models.BatchNorm`: ``mean = x.mean(axes)``, ``var = ((x - mean)**2).mean(axes)``,
-    ``y = (x - mean) * (rsqrt(var + eps) * scale) + bias``. The backward pass is the closed form
-    ``dx = scale * rsqrt(var + eps) * (g - mean(g) - x̂ * mean(g * x̂))`` (plus the terms from
-    ``mean``/``var`` if those outputs are differentiated): two reductions and one elementwise
-    pass, where autodiff of the forward leaves XLA:CPU several more passes over the activation.
-    That backward runs on the CPU only (``cpu.bn_backward``); elsewhere autodiff of the forward.
+    ``y = (x - mean) * (rsqrt(var + eps) * scale) + bias`` (then ``jax.nn.relu``). The backward pass
+    is the closed form ``dx = scale * rsqrt(var + eps) * (g - mean(g) - x̂ * mean(g * x̂))`` (plus
+    the terms from ``mean``/``var`` if those outputs are differentiated): two reductions and one
+    elementwise pass, where autodiff of the forward leaves XLA:CPU several more passes over the
+    activation. That backward runs on the CPU only (``cpu.bn_backward``), and with
+    ``cpu.conv == "onednn"`` oneDNN computes fp32 BatchNorm and its ReLU instead; elsewhere
+    autodiff of the forward.
     """
-    plain = functools.partial(_bn_forward, epsilon=epsilon)
+    def activated(bn):
+        def run(x, scale, bias):
+            y, mean, var = bn(x, scale, bias, epsilon)
+            return (jax.nn.relu(y) if relu else y), mean, var
+        return run
+
+    plain = activated(_bn_forward)
+    if (cpu.conv == "onednn" and cpu.onednn_batch_norm and onednn.supports_batch_norm(x)
+            and onednn.available()):
+        return lax.platform_dependent(
+            x, scale, bias, default=plain,
+            cpu=lambda x, s, b: onednn.batch_norm(x, s, b, epsilon, relu, cpu.onednn_threads))
     if not cpu.bn_backward:
         return plain(x, scale, bias)
-    return lax.platform_dependent(x, scale, bias, cpu=functools.partial(_bn, epsilon=epsilon),
-                                  default=plain)
+    return lax.platform_dependent(x, scale, bias, cpu=activated(_bn), default=plain)
 
 
 def _bn_forward(x, scale, bias, epsilon):

@@ -7,7 +7,8 @@ equal blocks (all but the first of a stage, and across depths) share one executa
 ResNet-1202 compiles as fast as ResNet-20. Everything else (stem, max-pool, stage order, pooling,
 fc) runs un-jitted from the model's own code; ``parity/test_forward.py``'s blockwise check proves
 the jitted blocks change nothing. ``relus`` records where every ReLU input is > 0, or applies
-such a record in place of the inputs' own signs (see ``Case.check_grads``).
+such a record in place of the inputs' own signs (see ``Case.check_grads``), also for the ReLUs
+that BatchNorm fuses (``relu=True``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from flaxres import ops
 from flaxres.models import BasicBlock, Bottleneck, ResNet
 
 
@@ -45,6 +47,24 @@ class _Relus:
             self.seen.append(v > 0)
             return jax.nn.relu(v)
         return jnp.where(next(self.given), v, jnp.zeros_like(v))
+
+
+_batch_norm_train = ops.batch_norm_train
+
+
+def _batch_norm_relus(x, scale, bias, epsilon, *, relu=False, cpu=ops.CpuOps()):
+    """ops.batch_norm_train whose fused ReLU joins the record of the ``_Relus`` that replaces
+    ``nnx.relu`` at the time: recorded as ``y > 0`` (the same as its input > 0), or, given a
+    record, applied to the unfused output."""
+    if not relu:
+        return _batch_norm_train(x, scale, bias, epsilon, cpu=cpu)
+    record = nnx.relu
+    if record.given is None:
+        y, mean, var = _batch_norm_train(x, scale, bias, epsilon, relu=True, cpu=cpu)
+        record.seen.append(y > 0)
+        return y, mean, var
+    y, mean, var = _batch_norm_train(x, scale, bias, epsilon, cpu=cpu)
+    return record(y), mean, var
 
 
 def _block_impl(call, graphdef, state, x, given):
@@ -108,6 +128,7 @@ def jitted_blocks(relus: list | None = None) -> Iterator[list]:
         for cls in originals:
             stack.enter_context(mock.patch.object(cls, "__call__", run(cls)))
         stack.enter_context(mock.patch.object(nnx, "relu", top))  # the stem's ReLU
+        stack.enter_context(mock.patch.object(ops, "batch_norm_train", _batch_norm_relus))
         yield top.seen
 
 

@@ -1,11 +1,14 @@
-"""oneDNN convolutions through jax.ffi (flaxres.cpu.onednn) compute lax's convolution.
+"""oneDNN convolutions and BatchNorm through jax.ffi (flaxres.cpu.onednn) compute lax's.
 
-Each of the three primitives (forward, backward-data, backward-weights) and their autodiff
-against ``lax.conv_general_dilated`` and its VJP, over the configurations ResNets use and a few
-they do not; what oneDNN does not take (float64, bf16, dilation) stays ``lax``; a missing
-extension warns and falls back. Tests that run oneDNN skip when the extension is not built.
+Each of the three convolution primitives (forward, backward-data, backward-weights) and their
+autodiff against ``lax.conv_general_dilated`` and its VJP, over the configurations ResNets use and
+a few they do not; train-mode BatchNorm (with and without its ReLU) and its gradients, also
+through the statistics, against the formula of flaxres.ops; what oneDNN does not take (float64,
+bf16, dilation) stays ``lax``; a missing extension warns and falls back. Tests that run oneDNN
+skip when the extension is not built.
 """
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -126,6 +129,63 @@ def test_resnet20_grads_onednn_match_xla():
         assert rel(a, b) <= 1e-4
 
 
+BN_SHAPES = [(4, 8, 8, 16), (3, 5, 7, 3), (1, 2, 2, 64)]  # ResNet-like, odd sizes/channels, tiny
+
+
+@needs_extension
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=["resnet", "odd", "tiny"])
+def test_batch_norm_matches_the_formula(shape, relu):
+    """Outputs, and the gradients of a loss of all three outputs (y, mean, var) with respect to
+    x, scale and shift, as autodiff of flaxres.ops's formula gives them."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(shape) * 2 + 0.5, jnp.float32)
+    scale, shift = (jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32) for _ in range(2))
+    dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    d_mean, d_var = (jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32) for _ in range(2))
+
+    def formula(x, scale, shift):
+        y, mean, var = ops._bn_forward(x, scale, shift, 1e-5)
+        return (jax.nn.relu(y) if relu else y), mean, var
+
+    def loss(bn):
+        return lambda *a: sum((o * c).sum() for o, c in zip(bn(*a), (dy, d_mean, d_var)))
+
+    mine = lambda x, scale, shift: onednn.batch_norm(x, scale, shift, 1e-5, relu)
+    for got, want in zip(jax.jit(mine)(x, scale, shift), formula(x, scale, shift), strict=True):
+        assert rel(got, want) <= 1e-6
+    grads = jax.jit(jax.grad(loss(mine), argnums=(0, 1, 2)))(x, scale, shift)
+    for got, want in zip(grads, jax.grad(loss(formula), argnums=(0, 1, 2))(x, scale, shift),
+                         strict=True):
+        assert rel(got, want) <= 1e-5
+
+
+@needs_extension
+def test_batch_norm_of_resnet_shapes_runs_a_jit_kernel():
+    """The speed premise: oneDNN has a vectorised (not a reference) kernel for NHWC fp32."""
+    for relu in (False, True):
+        for backward in (False, True):
+            impl = onednn.batch_norm_impl((128, 32, 32, 16), relu, backward)
+            assert impl.startswith("bnorm_jit"), impl
+
+
+def _lowered_bn(dtype, cpu: ops.CpuOps = ONEDNN) -> str:
+    x = jax.ShapeDtypeStruct((2, 4, 4, 8), dtype)
+    c = jax.ShapeDtypeStruct((8,), dtype)
+    loss = lambda x, s, b: ops.batch_norm_train(x, s, b, 1e-5, relu=True, cpu=cpu)[0].sum()
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, c, c).as_text()
+
+
+@needs_extension
+def test_only_fp32_batch_norm_goes_to_onednn():
+    assert "flaxres_onednn_bn_bwd" in _lowered_bn(jnp.float32)
+    assert "flaxres_onednn" not in _lowered_bn(jnp.bfloat16)
+    assert "flaxres_onednn" not in _lowered_bn(
+        jnp.float32, dataclasses.replace(ONEDNN, onednn_batch_norm=False))
+    with jax.enable_x64(True):
+        assert "flaxres_onednn" not in _lowered_bn(jnp.float64)
+
+
 def _lowered(dtype, cpu: ops.CpuOps = ONEDNN, **kw) -> str:
     x = jax.ShapeDtypeStruct((2, 8, 8, 4), dtype)
     w = jax.ShapeDtypeStruct((3, 3, 4, 4), dtype)
@@ -151,7 +211,7 @@ def test_float64_and_bf16_are_not_supported():
     assert not onednn.supports(jax.ShapeDtypeStruct((2, 8, 8, 6), jnp.float32), w, 1)
 
 
-@pytest.mark.parametrize("path", [None, Path("/nonexistent/_onednn_conv.so")], ids=["unbuilt",
+@pytest.mark.parametrize("path", [None, Path("/nonexistent/_onednn.so")], ids=["unbuilt",
                                                                                     "missing"])
 def test_load_names_the_cause(path):
     with pytest.raises(OSError, match="not built|nonexistent"):

@@ -1,11 +1,12 @@
-"""oneDNN convolutions on the CPU, called from the traced program through ``jax.ffi``.
+"""oneDNN convolutions and BatchNorm on the CPU, called from the traced program through ``jax.ffi``.
 
 XLA:CPU's convolutions run at ≈ 40% of oneDNN's speed on ResNet shapes (docs/onednn.md). The C++
-extension ``flaxres/csrc/onednn_conv.cc`` (built by ``pip install``, optional) exposes oneDNN's
-forward, backward-data and backward-weights convolutions as XLA FFI handlers; :func:`conv` joins
-them with ``jax.custom_vjp``. :mod:`flaxres.ops` calls it only inside the CPU branch of
-``lax.platform_dependent`` and only for fp32 NHWC/HWIO convolutions without dilation, so other
-platforms and every other case keep ``lax``.
+extension (``flaxres/csrc``, built by ``pip install``, optional) exposes oneDNN's forward,
+backward-data and backward-weights convolutions as XLA FFI handlers; :func:`conv` joins them with
+``jax.custom_vjp``. :func:`batch_norm` does the same for train-mode BatchNorm with its ReLU fused
+in, which XLA:CPU computes in more passes over the activation. :mod:`flaxres.ops` calls them only
+inside the CPU branch of ``lax.platform_dependent`` and only for fp32 NHWC tensors (convolutions
+without dilation), so other platforms and every other case keep ``lax``.
 
 If the extension was not built, or oneDNN's runtime cannot be loaded, :func:`library` warns once
 and returns None, and flaxres.ops uses XLA's convolutions instead (never a crash).
@@ -26,6 +27,8 @@ import numpy as np
 FORWARD = "flaxres_onednn_conv_fwd"
 BACKWARD_DATA = "flaxres_onednn_conv_bwd_data"
 BACKWARD_WEIGHTS = "flaxres_onednn_conv_bwd_weights"
+BN_FORWARD = "flaxres_onednn_bn_fwd"
+BN_BACKWARD = "flaxres_onednn_bn_bwd"
 ONEDNN_RUNTIME = "libdnnl.so.3"
 
 
@@ -33,7 +36,7 @@ def extension_path() -> Path | None:
     """The built extension beside this file (editable installs build it in place)."""
     here = Path(__file__).parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = here / f"_onednn_conv{suffix}"
+        candidate = here / f"_onednn{suffix}"
         if candidate.exists():
             return candidate
     return None
@@ -63,10 +66,12 @@ def load(path: Path | None) -> ctypes.CDLL:
         ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
     lib = ctypes.CDLL(str(path))
     try:
-        for target in (FORWARD, BACKWARD_DATA, BACKWARD_WEIGHTS):
+        for target in (FORWARD, BACKWARD_DATA, BACKWARD_WEIGHTS, BN_FORWARD, BN_BACKWARD):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)),
                                         platform="cpu")
         lib.flaxres_onednn_version.restype = ctypes.c_char_p
+        lib.flaxres_onednn_bn_impl.restype = ctypes.c_char_p
+        lib.flaxres_onednn_bn_impl.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
     except AttributeError as err:
         raise OSError(f"{path}: {err}") from err
     return lib
@@ -129,11 +134,14 @@ def _attrs(strides, pads, groups: int, threads: int) -> dict[str, np.int64]:
         ("pad_left", pl), ("pad_right", pr), ("groups", groups), ("threads", threads))}
 
 
-def _call(target: str, out_shape, a, b, attrs):
+def _call(target: str, out_shapes, *args, **attrs):
     if library() is None:  # registers the targets on first use
-        raise RuntimeError("flaxres: oneDNN convolutions unavailable (extension not loaded)")
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, a.dtype),
-                            vmap_method="sequential")(a, b, **attrs)
+        raise RuntimeError("flaxres: oneDNN unavailable (extension not loaded)")
+    return jax.ffi.ffi_call(target, out_shapes, vmap_method="sequential")(*args, **attrs)
+
+
+def _f32(shape) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), np.float32)
 
 
 def _out_size(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> int:
@@ -145,17 +153,18 @@ def conv_forward(x, w, strides, pads, groups: int = 1, threads: int = 0):
     n, h, wd, _ = x.shape
     kh, kw, _, o = w.shape
     shape = (n, _out_size(h, kh, strides[0], pads[0]), _out_size(wd, kw, strides[1], pads[1]), o)
-    return _call(FORWARD, shape, x, w, _attrs(strides, pads, groups, threads))
+    return _call(FORWARD, _f32(shape), x, w, **_attrs(strides, pads, groups, threads))
 
 
 def conv_backward_data(dy, w, x_shape, strides, pads, groups: int = 1, threads: int = 0):
     """dL/dx of :func:`conv_forward` from the output cotangent ``dy``."""
-    return _call(BACKWARD_DATA, tuple(x_shape), dy, w, _attrs(strides, pads, groups, threads))
+    return _call(BACKWARD_DATA, _f32(x_shape), dy, w, **_attrs(strides, pads, groups, threads))
 
 
 def conv_backward_weights(x, dy, w_shape, strides, pads, groups: int = 1, threads: int = 0):
     """dL/dw of :func:`conv_forward` from its input ``x`` and the output cotangent ``dy``."""
-    return _call(BACKWARD_WEIGHTS, tuple(w_shape), x, dy, _attrs(strides, pads, groups, threads))
+    return _call(BACKWARD_WEIGHTS, _f32(w_shape), x, dy,
+                 **_attrs(strides, pads, groups, threads))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -178,3 +187,66 @@ def _conv_bwd(strides, pads, groups, threads, residuals, dy):
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+
+def supports_batch_norm(x: jax.Array) -> bool:
+    """fp32 NHWC activations (float64 and bf16 stay on XLA)."""
+    return x.dtype == np.dtype(np.float32) and x.ndim == 4
+
+
+def batch_norm_impl(shape, relu: bool, backward: bool = False) -> str:
+    """The oneDNN implementation a BatchNorm of NHWC ``shape`` runs, e.g.
+    "bnorm_jit:avx512_core" (a "ref:" one would be slow)."""
+    n, h, w, c = shape
+    return library().flaxres_onednn_bn_impl(n, h, w, c, int(relu), int(backward)).decode()
+
+
+def _bn_attrs(epsilon: float, relu: bool, threads: int) -> dict:
+    return {"epsilon": np.float32(epsilon), "relu": np.int64(relu), "threads": np.int64(threads)}
+
+
+def _bn_forward(x, scale, shift, epsilon, relu, threads):
+    c = x.shape[-1]
+    # The workspace (the ReLU's mask) is declared one byte per element: at least what oneDNN keeps.
+    return _call(BN_FORWARD, (_f32(x.shape), _f32((c,)), _f32((c,)),
+                              jax.ShapeDtypeStruct((x.size,), np.uint8)),
+                 x, scale, shift, **_bn_attrs(epsilon, relu, threads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def batch_norm(x, scale, shift, epsilon: float, relu: bool = False, threads: int = 0):
+    """Train-mode BatchNorm over N, H, W of an NHWC ``x``: ``(y, mean, var)`` with the biased
+    variance and ``y = [relu]((x - mean) * rsqrt(var + epsilon) * scale + shift)``, computed by
+    oneDNN, differentiable (also through ``mean`` and ``var``); CPU only, fp32 only."""
+    return _bn_forward(x, scale, shift, epsilon, relu, threads)[:3]
+
+
+def _batch_norm_fwd(x, scale, shift, epsilon, relu, threads):
+    y, mean, var, workspace = _bn_forward(x.value, scale.value, shift.value, epsilon, relu,
+                                          threads)
+    return (y, mean, var), (x.value, mean, var, scale.value, workspace)
+
+
+def _batch_norm_bwd(epsilon, relu, threads, residuals, cotangents):
+    x, mean, var, scale, workspace = residuals
+    dy, d_mean, d_var = cotangents
+    if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+        dy = jax.numpy.zeros(x.shape, x.dtype)
+    dx, d_scale, d_shift = _call(BN_BACKWARD, (_f32(x.shape), _f32(scale.shape),
+                                               _f32(scale.shape)),
+                                 x, mean, var, dy, scale, workspace,
+                                 **_bn_attrs(epsilon, relu, threads))
+    # mean and var are outputs too; their cotangents (zero in a model, which only keeps them as
+    # running statistics) add d mean/dx = 1/m and d var/dx = 2 (x - mean)/m.
+    m = x.size // x.shape[-1]
+    if not isinstance(d_mean, jax.custom_derivatives.SymbolicZero):
+        dx = dx + d_mean / m
+    if not isinstance(d_var, jax.custom_derivatives.SymbolicZero):
+        dx = dx + (2.0 / m) * d_var * (x - mean)
+    return dx, d_scale, d_shift
+
+
+batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd, symbolic_zeros=True)

@@ -15,27 +15,24 @@
 //
 // Activations stay in XLA's NHWC buffers (no reorders); weights may be reordered to the blocked
 // layout oneDNN prefers (small tensors). Primitives are created once per shape and thread count
-// (oneDNN fixes the OpenMP team size when it creates a primitive) and cached behind a mutex.
-// XLA may run two handlers at once on different threads, so every execution gets its own
-// thread-local scratchpad (scratchpad_mode::user): the library-owned scratchpad is shared per
-// primitive and gives wrong results under concurrent use.
-#include <omp.h>
-
+// (oneDNN fixes the OpenMP team size when it creates a primitive) and cached behind a mutex;
+// every execution has its own scratchpad (onednn_common.h).
 #include <array>
 #include <cstdint>
-#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <vector>
 
-#include "oneapi/dnnl/dnnl.hpp"
-#include "xla/ffi/api/ffi.h"
+#include "onednn_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using flaxres::Engine;
+using flaxres::ThreadBuffer;
+using flaxres::UserScratchpad;
 
 using dims = dnnl::memory::dims;
 using tag = dnnl::memory::format_tag;
@@ -56,31 +53,6 @@ Key MakeKey(Kind kind, const Geometry& g, int threads) {
           g.ho,        g.wo,       g.kh,       g.kw,      g.stride_h,   g.stride_w,
           g.pad_top,   g.pad_bottom, g.pad_left, g.pad_right, g.groups, threads};
 }
-
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
-
-dnnl::primitive_attr UserScratchpad() {
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  return attr;
-}
-
-// A grown-on-demand, 64-byte aligned buffer per thread for scratchpads and reordered weights.
-class ThreadBuffer {
- public:
-  void* Get(size_t bytes) {
-    if (bytes == 0) return nullptr;
-    if (storage_.size() < bytes + 64) storage_.resize(bytes + 64);
-    auto p = reinterpret_cast<uintptr_t>(storage_.data());
-    return reinterpret_cast<void*>((p + 63) & ~uintptr_t{63});
-  }
-
- private:
-  std::vector<char> storage_;
-};
 
 // One convolution primitive with the descriptors of its three tensors and, where oneDNN wants the
 // weights in another layout than XLA's HWIO buffer, the reorder to (inputs) or from (output) it.
@@ -175,10 +147,10 @@ std::unique_ptr<Entry> Create(Kind kind, const Geometry& g) {
   return e;
 }
 
-const Entry& Cached(Kind kind, const Geometry& g) {
+const Entry& Cached(Kind kind, const Geometry& g, int threads) {
   static std::mutex mu;
   static std::map<Key, std::unique_ptr<Entry>> cache;
-  Key key = MakeKey(kind, g, omp_get_max_threads());
+  Key key = MakeKey(kind, g, threads);
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it == cache.end()) it = cache.emplace(key, Create(kind, g)).first;
@@ -233,21 +205,9 @@ ffi::Error Run(Kind kind, const Geometry& g, int64_t threads, void* in0, void* i
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "flaxres oneDNN conv: channels not divisible by groups");
   }
-  try {
-    // The OpenMP thread count is per calling (XLA worker) thread and persists on it (XLA itself
-    // does not use OpenMP), so threads == 0 restores the process default explicitly.
-    static const int default_threads = omp_get_max_threads();
-    const int want = threads > 0 ? int(threads) : default_threads;
-    if (omp_get_max_threads() != want) omp_set_num_threads(want);
-    Execute(Cached(kind, g), in0, in1, out);
-  } catch (const dnnl::error& err) {
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("flaxres oneDNN conv: ") + err.what());
-  } catch (const std::exception& err) {
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("flaxres oneDNN conv: ") + err.what());
-  }
-  return ffi::Error::Success();
+  return flaxres::Guarded("flaxres oneDNN conv", [&] {
+    Execute(Cached(kind, g, flaxres::UseThreads(threads)), in0, in1, out);
+  });
 }
 
 ffi::Error Forward(Buffer4 x, Buffer4 w, Result4 y, int64_t stride_h, int64_t stride_w,

@@ -21,6 +21,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -94,13 +95,26 @@ def _thunk_times(trace_dir: str, module: str) -> list[tuple[str, float]]:
             and "hlo_op" in e["args"]]
 
 
+def _faults_and_system_time(run, reps: int) -> dict:
+    """Minor page faults and kernel (system) seconds per call of ``run``: what a malloc that
+    hands each call fresh pages costs (flaxres.cpu.malloc)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(reps):
+        run()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"minor_faults": (after.ru_minflt - before.ru_minflt) / reps,
+            "system_s": (after.ru_stime - before.ru_stime) / reps}
+
+
 def profile_flaxres(run, hlo_text: str, reps: int) -> dict:
-    """Per kind of instruction: ms per call of ``run`` (a synchronous step), and the wall."""
+    """Per kind of instruction: ms per call of ``run`` (a synchronous step), the wall, and the
+    page faults and system time per call (untraced)."""
     import jax
 
     kinds = classify_hlo(hlo_text)
     module = re.match(r"HloModule ([\w.\-]+)", hlo_text).group(1)
     run()
+    per_call = _faults_and_system_time(run, reps)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             t0 = time.perf_counter()
@@ -111,7 +125,7 @@ def profile_flaxres(run, hlo_text: str, reps: int) -> dict:
     by_kind = collections.Counter()
     for op, us in thunks:
         by_kind[kinds.get(op, "other")] += us / 1e3 / reps
-    return {"wall_ms": wall * 1e3, "ms": dict(by_kind.most_common())}
+    return {"wall_ms": wall * 1e3, "ms": dict(by_kind.most_common()), **per_call}
 
 
 def profile_torch(run, reps: int) -> dict:
@@ -119,6 +133,7 @@ def profile_torch(run, reps: int) -> dict:
     import torch
 
     run()
+    per_call = _faults_and_system_time(run, reps)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -128,14 +143,16 @@ def profile_torch(run, reps: int) -> dict:
     for e in prof.key_averages():
         if e.self_cpu_time_total > 0:
             ops[e.key] += e.self_cpu_time_total / 1e3 / reps
-    return {"wall_ms": wall * 1e3, "ms": dict(ops.most_common())}
+    return {"wall_ms": wall * 1e3, "ms": dict(ops.most_common()), **per_call}
 
 
 def table(title: str, prof: dict, top: int) -> str:
     rows = list(prof["ms"].items())
     shown, rest = rows[:top], sum(v for _, v in rows[top:])
     head = (f"\n{title}: {prof['wall_ms']:.1f} ms wall per call, "
-            f"{sum(prof['ms'].values()):.1f} ms summed over threads")
+            f"{sum(prof['ms'].values()):.1f} ms summed over threads; per call "
+            f"{prof['minor_faults']:.0f} minor page faults, {prof['system_s'] * 1e3:.0f} ms "
+            "system time")
     lines = [head, "| ms | what |", "|---:|---|"]
     lines += [f"| {v:.1f} | {k} |" for k, v in shown]
     if rest:
