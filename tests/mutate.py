@@ -108,6 +108,8 @@ _FROM_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}""", CONVERT),
     Mutant("bn_backward_sign", "flaxres/ops.py",
            "(g - sum_g / m - xhat * (sum_gx / m))", "(g - sum_g / m + xhat * (sum_gx / m))",
            ("tests/test_ops.py",)),
+    Mutant("onednn_bn_var_cotangent_dropped", "flaxres/cpu/onednn.py",
+           "dx = dx + (2.0 / m) * d_var * (x - mean)", "dx = dx", ("tests/test_onednn.py",)),
     Mutant("wgrad_chunk_drops_tail", "flaxres/ops.py",
            "extra = nchunks * per - n", "extra = 0; nchunks = n // per; x, g = x[:nchunks * per], "
            "g[:nchunks * per]", ("tests/test_ops.py",)),
@@ -147,8 +149,10 @@ def _tracked_files() -> list[str]:
 
 
 def scratch_copy(dest: Path) -> None:
-    """The repository's tracked files as they are in the working tree."""
-    for rel in _tracked_files():
+    """The repository's tracked files as they are in the working tree, and the built oneDNN
+    extension (untracked; without it the oneDNN tests would skip and every mutant there survive)."""
+    built = [p.relative_to(ROOT) for p in (ROOT / "flaxres" / "cpu").glob("_onednn*.so")]
+    for rel in [*_tracked_files(), *built]:
         src = ROOT / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,8 @@ def test_cuda_export_has_no_onednn():
 @pytest.mark.skipif(onednn.extension_path() is None, reason="oneDNN extension not built")
 def test_cpu_program_with_onednn_has_no_xla_convolutions():
     """On the CPU every convolution of the train step is a oneDNN call: each layer's forward and
-    weight gradient, and an input gradient for all but the stem's."""
+    weight gradient, and an input gradient for all but the stem's; so is every BatchNorm (one per
+    convolution in ResNet-20), forward and backward."""
     model = flaxres.create_model("resnet20", cpu_ops=flaxres.CpuOps(conv="onednn"))
     model.train()
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -79,6 +80,8 @@ def test_cpu_program_with_onednn_has_no_xla_convolutions():
     assert _count(text, "convolution") == 0
     assert (text.count("@flaxres_onednn_conv_fwd"), text.count("@flaxres_onednn_conv_bwd_data"),
             text.count("@flaxres_onednn_conv_bwd_weights")) == (R20_CONVS, R20_CONVS - 1, R20_CONVS)
+    assert (text.count("@flaxres_onednn_bn_fwd"), text.count("@flaxres_onednn_bn_bwd")) == (
+        R20_CONVS, R20_CONVS)
 
 
 def test_cpu_export_uses_fast_paths():
