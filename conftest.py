@@ -1,6 +1,7 @@
 """Test tiers: the default ``pytest`` is the quick change-test loop; ``pytest --full`` adds the
 tests marked ``full`` (the whole parity matrix, long studies); CI runs those of ``tests/``.
-``--cpu-conv onednn`` runs the parity suite with oneDNN's CPU convolutions (docs/onednn.md).
+``--cpu-conv xla|onednn`` picks the parity suite's CPU convolutions and BatchNorm (default: oneDNN
+where the C++ extension is built, as ``flaxres.CpuOps()``; docs/onednn.md).
 
 Compiled XLA executables persist in pytest's cache folder (``.pytest_cache/d/xla``), shared by
 the xdist workers, the runs the tests start and the next ``pytest``: most of the suite's time on
@@ -16,17 +17,20 @@ import pytest
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--full", action="store_true",
                      help="also run the tests marked 'full' (whole parity matrix, long runs)")
-    parser.addoption("--cpu-conv", choices=("xla", "onednn"), default="xla",
-                     help="CPU convolutions of the parity suite's flaxres models (CpuOps.conv)")
+    parser.addoption("--cpu-conv", choices=("xla", "onednn"), default=None,
+                     help="CPU convolutions and BatchNorm of the parity suite's flaxres models "
+                          "(CpuOps.conv; default: onednn where the C++ extension is built, "
+                          "else xla)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "full: runs only with --full (whole matrix, long runs)")
-    if config.getoption("--cpu-conv") == "onednn":
-        from flaxres.cpu import onednn
+    from flaxres.cpu import onednn
 
-        if reason := onednn.unavailable_reason():
-            raise pytest.UsageError(f"--cpu-conv onednn: {reason}")
+    if config.getoption("--cpu-conv") is None:
+        config.option.cpu_conv = onednn.default_conv()
+    elif config.getoption("--cpu-conv") == "onednn" and (reason := onednn.unavailable_reason()):
+        raise pytest.UsageError(f"--cpu-conv onednn: {reason}")
     cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
     if cache or jax.config.jax_compilation_cache_dir:
         from train import cifar

@@ -22,11 +22,12 @@ Cases the CPU path does not handle (input/kernel dilation, non-NHWC/HWIO layouts
 padding, batch_group_count, non-2-D, integer dtypes, grouped convolutions with more than one group,
 where the scan-GEMM was not faster) go to ``lax.conv_general_dilated`` unchanged.
 
-``CpuOps(conv="onednn")`` runs fp32 convolutions (forward and both gradients, groups included) and
-train-mode BatchNorm (with the ReLU that follows it) in oneDNN through ``jax.ffi`` instead
-(:mod:`flaxres.cpu.onednn`, docs/onednn.md), again only in the CPU branch; float64, bf16 and the
-cases above keep the paths described here, and so does everything when the C++ extension is not
-built (with one warning).
+By default (``CpuOps(conv="onednn")``) fp32 convolutions (forward and both gradients, groups
+included) and train-mode BatchNorm (with the ReLU that follows it) run in oneDNN through
+``jax.ffi`` instead (:mod:`flaxres.cpu.onednn`, docs/onednn.md), again only in the CPU branch;
+float64, bf16 and the cases above keep the paths described here, and so does everything when the
+C++ extension is not built (with one warning). ``CpuOps(conv="xla")`` keeps XLA's convolutions
+with the paths described here.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ class CpuOps:
     # Rows (images x output pixels) per chunk of the weight-gradient scan: 2k-4k rows keep the
     # chunk's patches in L2/L3 and Eigen's GEMM efficient (docs/performance.md).
     wgrad_chunk_rows: int = 4096
-    # Who runs fp32 convolutions on the CPU: XLA (with the paths above) or oneDNN via jax.ffi.
-    conv: Literal["xla", "onednn"] = "xla"
+    # Who runs fp32 convolutions on the CPU: oneDNN via jax.ffi (measured faster, docs/onednn.md;
+    # XLA when the extension is not built) or XLA (with the paths above).
+    conv: Literal["xla", "onednn"] = "onednn"
     # oneDNN's OpenMP threads per call; 0 = OpenMP's default (OMP_NUM_THREADS or all cores).
     onednn_threads: int = 0
     # With conv="onednn": train-mode BatchNorm (and its ReLU) in oneDNN too; False for A/B runs.
@@ -73,7 +75,7 @@ class CpuOps:
     @classmethod
     def off(cls) -> CpuOps:
         """Plain ``lax`` and autodiff on the CPU as well."""
-        return cls(wgrad_gemm=False, bn_backward=False)
+        return cls(wgrad_gemm=False, bn_backward=False, conv="xla")
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:

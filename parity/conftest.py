@@ -43,7 +43,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def case(request) -> Case:
-    """``pytest --cpu-conv onednn`` runs every case with oneDNN's CPU convolutions."""
+    """Every case with the CPU convolutions and BatchNorm of ``pytest --cpu-conv``."""
     return Case(request.param, cpu_ops=flaxres.CpuOps(conv=request.config.getoption("--cpu-conv")))
 
 

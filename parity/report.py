@@ -63,12 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m parity.report", description=__doc__.split("\n")[0])
     p.add_argument("--arch", default=None, help="comma-separated case ids (default: all)")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"subset of {','.join(CHECKS)}")
-    p.add_argument("--cpu-conv", choices=("xla", "onednn"), default="xla",
-                   help="CPU convolutions of the flaxres models (CpuOps.conv; docs/onednn.md)")
+    p.add_argument("--cpu-conv", choices=("xla", "onednn"), default=None,
+                   help="CPU convolutions and BatchNorm of the flaxres models (CpuOps.conv; "
+                        "docs/onednn.md; default: onednn where the C++ extension is built, else "
+                        "xla)")
     p.add_argument("--full", action="store_true",
                    help="trajectories for every architecture too (as pytest --full)")
     args = p.parse_args(argv)
-    if args.cpu_conv == "onednn" and (reason := onednn.unavailable_reason()):
+    if args.cpu_conv is None:
+        args.cpu_conv = onednn.default_conv()
+    elif args.cpu_conv == "onednn" and (reason := onednn.unavailable_reason()):
         p.error(f"--cpu-conv onednn: {reason}")
     tiny = {a.id: a for a in TRAJ_TINY}
     every = {**BY_ID, **tiny}

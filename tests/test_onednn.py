@@ -199,7 +199,7 @@ def test_only_fp32_undilated_goes_to_onednn():
     assert "flaxres_onednn_conv_bwd_data" in _lowered(jnp.float32)
     assert "flaxres_onednn" not in _lowered(jnp.bfloat16)
     assert "flaxres_onednn" not in _lowered(jnp.float32, rhs_dilation=(2, 2))
-    assert "flaxres_onednn" not in _lowered(jnp.float32, cpu=ops.CpuOps())
+    assert "flaxres_onednn" not in _lowered(jnp.float32, cpu=ops.CpuOps(conv="xla"))
 
 
 def test_float64_and_bf16_are_not_supported():
@@ -238,10 +238,28 @@ def test_cli_flags_select_the_backend():
     from parity.speed import cli
     from train import cifar, loop
 
-    args = cli.parse_args(["--cpu-conv", "xla", "--no-fast-ops"])
-    assert cli._cpu_ops(args) == ops.CpuOps(wgrad_gemm=False, bn_backward=False, conv="xla")
-    cfg = cifar.parse_args(["--arch", "resnet8"])
-    assert cfg.cpu_conv == "xla" and loop.build_model(cfg).conv1.conv_general_dilated.cpu == ops.CpuOps()
+    for argv in (["--cpu-conv", "xla", "--no-fast-ops"], ["--no-fast-ops"]):
+        assert cli._cpu_ops(cli.parse_args(argv)) == ops.CpuOps(wgrad_gemm=False,
+                                                                bn_backward=False, conv="xla")
+    assert cli.parse_args([]).cpu_conv == onednn.default_conv()
+    cfg = cifar.parse_args(["--arch", "resnet8", "--cpu-conv", "xla"])
+    assert loop.build_model(cfg).conv1.conv_general_dilated.cpu == ops.CpuOps(conv="xla")
+
+
+def test_default_falls_back_to_xla_without_the_extension(monkeypatch, capsys):
+    """oneDNN is the default where it is built; without it the tools run XLA's convolutions,
+    with one note (train.cifar) and no error, and CpuOps() warns once and traces lax."""
+    from parity.speed import cli
+    from train import cifar
+
+    monkeypatch.setattr(onednn, "_load_once", lambda: "simulated: no extension here")
+    assert cli.parse_args([]).cpu_conv == "xla"
+    assert cifar.parse_args(["--arch", "resnet8"]).cpu_conv == "xla"
+    assert capsys.readouterr().err.strip() == ("note: oneDNN unavailable (simulated: no "
+                                               "extension here); using XLA's convolutions "
+                                               "(--cpu-conv xla)")
+    with pytest.warns(RuntimeWarning, match="simulated: no extension here"):
+        assert "flaxres_onednn" not in _lowered(jnp.float32, cpu=ops.CpuOps())
 
 
 @needs_extension
@@ -250,7 +268,7 @@ def test_cli_flags_select_onednn():
     from train import cifar, loop
 
     args = cli.parse_args(["--cpu-conv", "onednn"])
-    assert cli._cpu_ops(args) == ONEDNN
+    assert cli._cpu_ops(args) == ONEDNN == ops.CpuOps()
     assert cli._cpu_conv("onednn") == f"onednn {onednn.version()}"
     cfg = cifar.parse_args(["--arch", "resnet8", "--cpu-conv", "onednn"])
     assert loop.build_model(cfg).conv1.conv_general_dilated.cpu == ONEDNN

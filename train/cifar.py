@@ -58,7 +58,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if len(cfg.mean) != 3 or len(cfg.std) != 3:
         p.error("--mean and --std take three numbers (R G B)")
     if cfg.cpu_conv == "onednn" and (reason := onednn.unavailable_reason()):
-        p.error(f"--cpu-conv onednn: {reason}")
+        given = argv if argv is not None else sys.argv[1:]
+        if any(a.split("=")[0] == "--cpu-conv" for a in given):
+            p.error(f"--cpu-conv onednn: {reason}")
+        print(f"note: oneDNN unavailable ({reason}); using XLA's convolutions (--cpu-conv xla)",
+              file=sys.stderr)
+        cfg = dataclasses.replace(cfg, cpu_conv="xla")
     if cfg.freeze_backbone and not cfg.init_from:
         p.error("--freeze-backbone needs --init-from PATH")
     if cfg.peer_timeout <= 0:

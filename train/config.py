@@ -72,8 +72,9 @@ class Config:
                                "them use TensorFloat-32 (as PyTorch's cuDNN convolutions do by "
                                "default), 'highest' computes true fp32; the CPU always computes "
                                "fp32", choices=("tf32", "highest"))
-    cpu_conv: str = _f("xla", "who runs fp32 convolutions on the CPU: 'xla' or 'onednn' (oneDNN "
-                       "through jax.ffi, needs the C++ extension; docs/onednn.md); other "
+    cpu_conv: str = _f("onednn", "who runs fp32 convolutions and BatchNorm on the CPU: 'onednn' "
+                       "(oneDNN through jax.ffi, needs the C++ extension: without it the default "
+                       "falls back to 'xla' with a note; docs/onednn.md) or 'xla'; other "
                        "platforms always use their own", choices=("xla", "onednn"))
     log_every: int = _f(20, "progress-bar refresh interval in steps (each refresh syncs)")
     init_from: str | None = _f(None, "start from these weights: a .pth/.pt/.th (torchvision, "

@@ -108,6 +108,12 @@ def library() -> ctypes.CDLL | None:
     return loaded
 
 
+def default_conv() -> str:
+    """``"onednn"`` where the extension loads, else ``"xla"`` (without a warning): the
+    command-line tools' default for ``--cpu-conv``."""
+    return "onednn" if unavailable_reason() is None else "xla"
+
+
 def available() -> bool:
     """Whether oneDNN convolutions can run (warns once if not)."""
     return library() is not None

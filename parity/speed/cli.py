@@ -59,16 +59,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-fast-ops", action="store_true",
                    help="flaxres with flaxres.CpuOps.off() (lax convolutions, autodiff "
                         "BatchNorm), for before/after comparisons")
-    p.add_argument("--cpu-conv", choices=("xla", "onednn"), default="xla",
-                   help="who runs flaxres's fp32 convolutions on the CPU (flaxres.CpuOps.conv): "
-                        "XLA or oneDNN through jax.ffi (docs/onednn.md); recorded in the results")
+    p.add_argument("--cpu-conv", choices=("xla", "onednn"), default=None,
+                   help="who runs flaxres's fp32 convolutions and BatchNorm on the CPU "
+                        "(flaxres.CpuOps.conv): oneDNN through jax.ffi (docs/onednn.md) or XLA; "
+                        "recorded in the results (default: onednn where the C++ extension is "
+                        "built, else xla)")
     add_malloc_flag(p)
     args = p.parse_args(argv)
-    if args.cpu_conv == "onednn":
-        from flaxres.cpu import onednn
+    from flaxres.cpu import onednn
 
-        if reason := onednn.unavailable_reason():
-            p.error(f"--cpu-conv onednn: {reason}")
+    if args.no_fast_ops and args.cpu_conv == "onednn":
+        p.error("--no-fast-ops times XLA's plain convolutions; it excludes --cpu-conv onednn")
+    if args.cpu_conv is None:
+        args.cpu_conv = "xla" if args.no_fast_ops else onednn.default_conv()
+    elif args.cpu_conv == "onednn" and (reason := onednn.unavailable_reason()):
+        p.error(f"--cpu-conv onednn: {reason}")
     unknown = set(_names(args.frameworks)) - set(FRAMEWORKS)
     if unknown:
         p.error(f"--frameworks: unknown {', '.join(sorted(unknown))}; choose from "

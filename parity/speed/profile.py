@@ -42,13 +42,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--reps", type=int, default=5, help="profiled steps (after warm-up)")
-    p.add_argument("--cpu-conv", choices=("xla", "onednn"), default="xla")
+    p.add_argument("--cpu-conv", choices=("xla", "onednn"), default=None,
+                   help="as parity.speed's (default: onednn where the C++ extension is built, "
+                        "else xla)")
     p.add_argument("--torch", default="torch-channels_last",
                    help="comma-separated PyTorch variants to profile (parity.speed's names)")
     p.add_argument("--top", type=int, default=12, help="rows per table")
     p.add_argument("--json", help="write the profile here too")
     add_malloc_flag(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from flaxres.cpu import onednn  # imports jax: the threads are set when main() starts
+
+    if args.cpu_conv is None:
+        args.cpu_conv = onednn.default_conv()
+    elif args.cpu_conv == "onednn" and (reason := onednn.unavailable_reason()):
+        p.error(f"--cpu-conv onednn: {reason}")
+    return args
 
 
 def classify_hlo(text: str) -> dict[str, str]:
