@@ -150,3 +150,14 @@ def test_profile_classifies_the_compiled_step():
                 .values())
     assert "convolution" in kinds and "fusion with a reduction" in kinds, kinds
     assert "fusion with a reduction (backward)" in kinds, kinds
+
+
+def test_profile_names_multi_output_custom_calls():
+    """A custom call with several results (oneDNN's BatchNorm: output, mean, variance,
+    workspace) has a tuple type; it is named by its target like the single-output ones."""
+    from parity.speed import profile
+
+    hlo = ("ENTRY %main (p: f32[2,4,4,8]) -> f32[2,4,4,8] {\n"
+           "  %bn = (f32[2,4,4,8]{3,2,1,0}, f32[8]{0}, f32[8]{0}, u8[256]{0}) custom-call("
+           'f32[2,4,4,8]{3,2,1,0} %p), custom_call_target="flaxres_onednn_bn_fwd"\n}\n')
+    assert profile.classify_hlo(hlo) == {"bn": "custom-call flaxres_onednn_bn_fwd"}

@@ -28,7 +28,8 @@ import time
 
 from parity.speed.threads import add_malloc_flag, set_malloc, set_threads
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\((.*)$")
+# name = type op(operands...; a type is one shape or a tuple of shapes (a multi-output custom call)
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^()]*\)|\S+) ([\w\-]+)\((.*)$")
 _COMPUTATION = re.compile(r"^%?([\w.\-]+) .*\{$")
 DATA_MOVEMENT = {"copy", "transpose", "pad", "slice", "concatenate", "dynamic-slice",
                  "dynamic-update-slice", "gather", "scatter", "bitcast", "reshape", "broadcast"}
