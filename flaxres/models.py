@@ -81,17 +81,34 @@ class BatchNorm(nnx.Module):
             self.mean[...] = (1 - m) * self.mean[...] + m * mean
             self.var[...] = (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))
             return _relu_if(relu and not fuse, y.astype(out_dtype))
-        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
-        return _relu_if(relu, ((x32 - mean) * inv + self.bias[...]).astype(out_dtype))
+        return _relu_if(relu, ((x32 - mean) * self.running_scale() + self.bias[...])
+                        .astype(out_dtype))
+
+    def running_scale(self) -> jax.Array:
+        """``scale / sqrt(running var + eps)``: eval mode's factor on ``x - running mean``."""
+        return jax.lax.rsqrt(self.var[...] + self.epsilon) * self.scale[...]
 
 
 def _relu_if(relu: bool, x: jax.Array) -> jax.Array:
     return nnx.relu(x) if relu else x
 
 
-def _bn_relu(bn: BatchNorm | None, x: jax.Array) -> jax.Array:
-    """``relu(bn(x))`` (just the ReLU in nets without BatchNorm), fused where the backend can."""
-    return nnx.relu(x) if bn is None else bn(x, relu=True)
+def _conv_bn(conv: nnx.Conv, bn: BatchNorm | None, x: jax.Array, *, relu: bool,
+             residual: jax.Array | None = None) -> jax.Array:
+    """``bn(conv(x))`` (just the convolution in nets without BatchNorm), plus ``residual``, then
+    a ReLU if ``relu``. The CPU backend fuses what it can: the ReLU into train-mode BatchNorm
+    where no residual comes between, and in eval mode BatchNorm, residual and ReLU into the fp32
+    convolution (flaxres.ops.conv_batch_norm_eval). Same function either way."""
+    if (bn is not None and bn.use_running_average and conv.bias is None
+            and x.dtype == jnp.float32 and conv.dtype in (None, jnp.float32)
+            and bn.dtype in (None, jnp.float32)):
+        return ops.conv_batch_norm_eval(
+            x, conv.kernel[...], conv.strides, conv.padding, conv.feature_group_count,
+            bn.mean[...], bn.running_scale(), bn.bias[...], residual, relu=relu, cpu=bn.cpu_ops)
+    y = conv(x)
+    if residual is None:
+        return (nnx.relu(y) if bn is None else bn(y, relu=True)) if relu else _maybe(bn, y)
+    return _relu_if(relu, _maybe(bn, y) + residual)
 
 
 class _KeyStream:
@@ -192,11 +209,13 @@ class BasicBlock(nnx.Module):
         self.pad_shortcut, self.downsample = _make_shortcut(L, shortcut, cin, planes, stride)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        out = _bn_relu(self.bn1, self.conv1(x))
-        out = _maybe(self.bn2, self.conv2(out))
-        return nnx.relu(out + self._shortcut(x)) if self.has_shortcut else nnx.relu(out)
+        out = _conv_bn(self.conv1, self.bn1, x, relu=True)
+        return _conv_bn(self.conv2, self.bn2, out, relu=True, residual=self._shortcut(x))
 
-    def _shortcut(self, x: jax.Array) -> jax.Array:
+    def _shortcut(self, x: jax.Array) -> jax.Array | None:
+        """What the block adds before its last ReLU (None in a plain net)."""
+        if not self.has_shortcut:
+            return None
         if self.downsample is not None:
             return self.downsample(x)
         return _maybe(self.pad_shortcut, x)
@@ -224,10 +243,9 @@ class Bottleneck(BasicBlock):
         self.pad_shortcut, self.downsample = _make_shortcut(L, shortcut, cin, cout, stride)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        out = _bn_relu(self.bn1, self.conv1(x))
-        out = _bn_relu(self.bn2, self.conv2(out))
-        out = _maybe(self.bn3, self.conv3(out))
-        return nnx.relu(out + self._shortcut(x)) if self.has_shortcut else nnx.relu(out)
+        out = _conv_bn(self.conv1, self.bn1, x, relu=True)
+        out = _conv_bn(self.conv2, self.bn2, out, relu=True)
+        return _conv_bn(self.conv3, self.bn3, out, relu=True, residual=self._shortcut(x))
 
 
 class ResNet(nnx.Module):
@@ -304,7 +322,7 @@ class ResNet(nnx.Module):
         ``every_block`` each block's output instead of each stage's, so a study can follow the
         activations through the depth of the net (``train.probe``)."""
         self.check_input(x)
-        x = _bn_relu(self.bn1, self.conv1(x.astype(self.dtype)))
+        x = _conv_bn(self.conv1, self.bn1, x.astype(self.dtype), relu=True)
         if self.stem == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         outs = [x]

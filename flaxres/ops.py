@@ -220,6 +220,33 @@ def weight_grad(x, g, w_shape: Sequence[int], strides, pads, chunk_rows: int = 4
     return acc.T.reshape(kh, kw, cin, cout)
 
 
+def conv_batch_norm_eval(x, w, strides, padding, groups: int, mean, inv, bias, residual=None,
+                         *, relu: bool = False, cpu: CpuOps = CpuOps()):
+    """``[relu]((conv(x, w) - mean) * inv + bias [+ residual])``: a convolution (NHWC/HWIO,
+    symmetric or explicit padding) followed by an eval-mode BatchNorm (``inv = scale * rsqrt(var +
+    eps)``) and what comes after it in a block. On the CPU with oneDNN (fp32) one call computes it
+    all, the BatchNorm and the rest as post-ops of the convolution (inference writes each
+    activation once); elsewhere the convolution of ``cpu`` and XLA's elementwise ops."""
+    strides = tuple(int(s) for s in strides)
+    pads = _explicit_padding(padding, x.shape, w.shape, strides)
+
+    def plain(x, w, mean, inv, bias, residual):
+        y = conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC,
+                                 feature_group_count=groups, cpu=cpu)
+        y = (y - mean) * inv + bias
+        y = y if residual is None else y + residual
+        return jax.nn.relu(y) if relu else y
+
+    operands = (x, w, mean, inv, bias, residual)
+    if (cpu.conv == "onednn" and cpu.onednn_batch_norm and onednn.supports(x, w, groups)
+            and all(a.dtype == x.dtype for a in operands if a is not None)
+            and not any(p < 0 for pair in pads for p in pair) and onednn.available()):
+        fused = lambda *a: onednn.conv_batch_norm(*a, strides, pads, groups, relu,
+                                                  cpu.onednn_threads)
+        return lax.platform_dependent(*operands, cpu=fused, default=plain)
+    return plain(*operands)
+
+
 # ----------------------------------------------------------------------------- BatchNorm
 
 

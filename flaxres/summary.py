@@ -65,18 +65,26 @@ def _record_calls(records: list[tuple[int, tuple[int, ...]]]):
 
 
 def summarize(model: ResNet, input_size: int = 32, in_channels: int = 3) -> list[LayerRow]:
-    """One row per leaf layer in call order; the model is traced in eval mode and left in it."""
-    model.eval()
-    modules = {id(m): (".".join(map(str, path)), m) for path, m in nnx.iter_modules(model)}
-    records: list[tuple[int, tuple[int, ...]]] = []
-    with _record_calls(records):
-        jax.eval_shape(model, jax.ShapeDtypeStruct((1, input_size, input_size, in_channels),
-                                                   jnp.float32))
-    rows = []
-    for module_id, shape in records:
-        name, module = modules[module_id]
-        rows.append(LayerRow(name, type(module).__name__, shape, count_params(module),
-                             _macs(module, shape)))
+    """One row per leaf layer in call order; the model is left unchanged. The trace runs a
+    train-mode copy: in eval mode the CPU backend fuses each convolution with its BatchNorm, and
+    neither layer's own call would show."""
+    probe = nnx.clone(model)
+    probe.train()
+    rows: list[LayerRow] = []
+
+    def trace(m: ResNet, x: jax.Array) -> jax.Array:
+        modules = {id(mod): (".".join(map(str, path)), mod) for path, mod in nnx.iter_modules(m)}
+        records: list[tuple[int, tuple[int, ...]]] = []
+        with _record_calls(records):
+            y = m(x)
+        for module_id, shape in records:
+            name, module = modules[module_id]
+            rows.append(LayerRow(name, type(module).__name__, shape, count_params(module),
+                                 _macs(module, shape)))
+        return y
+
+    nnx.eval_shape(trace, probe,
+                   jax.ShapeDtypeStruct((1, input_size, input_size, in_channels), jnp.float32))
     return rows
 
 

@@ -129,6 +129,34 @@ def test_resnet20_grads_onednn_match_xla():
         assert rel(a, b) <= 1e-4
 
 
+@needs_extension
+@pytest.mark.parametrize("relu", [False, True], ids=["affine", "relu"])
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[7]], ids=["3x3s2", "1x1", "groups8"])
+def test_conv_with_eval_batch_norm_post_ops_matches_lax(case, residual, relu):
+    """Eval mode's convolution + BatchNorm [+ residual] [+ ReLU] in one oneDNN call: the value as
+    lax's convolution and XLA's elementwise ops give it, and the gradient (unfused) too."""
+    x, wt, dy, y0, _ = _data(*case)
+    stride, pads, groups = case[6], case[7], case[8]
+    rng = np.random.default_rng(2)
+    mean, inv, bias = (jnp.asarray(rng.standard_normal(y0.shape[-1]), jnp.float32)
+                       for _ in range(3))
+    res = jnp.asarray(rng.standard_normal(y0.shape), jnp.float32) if residual else None
+
+    def formula(x):
+        y = (lax.conv_general_dilated(x, wt, (stride, stride), pads, dimension_numbers=DN,
+                                      feature_group_count=groups) - mean) * inv + bias
+        y = y if res is None else y + res
+        return jax.nn.relu(y) if relu else y
+
+    mine = lambda x: ops.conv_batch_norm_eval(x, wt, (stride, stride), pads, groups, mean, inv,
+                                              bias, res, relu=relu, cpu=ONEDNN)
+    assert "flaxres_onednn_conv_bn_fwd" in jax.jit(mine).lower(x).as_text()
+    assert rel(jax.jit(mine)(x), formula(x)) <= 1e-6
+    grad = lambda f: jax.grad(lambda x: (f(x) * dy).sum())(x)
+    assert rel(jax.jit(lambda x: grad(mine))(x), grad(formula)) <= 1e-6
+
+
 BN_SHAPES = [(4, 8, 8, 16), (3, 5, 7, 3), (1, 2, 2, 64)]  # ResNet-like, odd sizes/channels, tiny
 
 

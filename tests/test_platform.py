@@ -84,6 +84,17 @@ def test_cpu_program_with_onednn_has_no_xla_convolutions():
         R20_CONVS, R20_CONVS)
 
 
+@pytest.mark.skipif(onednn.extension_path() is None, reason="oneDNN extension not built")
+def test_cpu_inference_with_onednn_is_one_call_per_convolution():
+    """In eval mode each convolution of ResNet-20 carries its BatchNorm, residual add and ReLU as
+    oneDNN post-ops: 19 fused calls, no other convolution, no elementwise pass left over them."""
+    model = flaxres.create_model("resnet20")
+    model.eval()
+    text = jax.jit(lambda x: model(x)).lower(jnp.zeros((2, 32, 32, 3))).as_text()
+    assert text.count("@flaxres_onednn_conv_bn_fwd") == R20_CONVS
+    assert text.count("@flaxres_onednn_conv_fwd") == 0 and _count(text, "convolution") == 0
+
+
 def test_cpu_export_uses_fast_paths():
     """With XLA's convolutions (the default's oneDNN calls are outside jax.export's custom-call
     allowlist), the CPU export holds the weight-gradient scan per convolution (the

@@ -27,6 +27,7 @@ import numpy as np
 FORWARD = "flaxres_onednn_conv_fwd"
 BACKWARD_DATA = "flaxres_onednn_conv_bwd_data"
 BACKWARD_WEIGHTS = "flaxres_onednn_conv_bwd_weights"
+CONV_BN_FORWARD = "flaxres_onednn_conv_bn_fwd"
 BN_FORWARD = "flaxres_onednn_bn_fwd"
 BN_BACKWARD = "flaxres_onednn_bn_bwd"
 ONEDNN_RUNTIME = "libdnnl.so.3"
@@ -66,7 +67,8 @@ def load(path: Path | None) -> ctypes.CDLL:
         ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
     lib = ctypes.CDLL(str(path))
     try:
-        for target in (FORWARD, BACKWARD_DATA, BACKWARD_WEIGHTS, BN_FORWARD, BN_BACKWARD):
+        for target in (FORWARD, BACKWARD_DATA, BACKWARD_WEIGHTS, CONV_BN_FORWARD, BN_FORWARD,
+                       BN_BACKWARD):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)),
                                         platform="cpu")
         lib.flaxres_onednn_version.restype = ctypes.c_char_p
@@ -193,6 +195,40 @@ def _conv_bwd(strides, pads, groups, threads, residuals, dy):
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _conv_bn_unfused(x, w, mean, inv, bias, residual, strides, pads, groups, relu, threads):
+    y = (conv(x, w, strides, pads, groups, threads) - mean) * inv + bias
+    y = y if residual is None else y + residual
+    return jax.nn.relu(y) if relu else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def conv_batch_norm(x, w, mean, inv, bias, residual, strides, pads, groups: int = 1,
+                    relu: bool = False, threads: int = 0):
+    """``[relu]((conv(x, w) - mean) * inv + bias [+ residual])``, an eval-mode BatchNorm (``inv =
+    scale * rsqrt(var + eps)``) and what follows it computed as oneDNN post-ops of the
+    convolution, so the activation is written once; ``residual`` None or of the output's shape.
+    Differentiable: under autodiff the forward runs unfused (convolution, then XLA)."""
+    n, h, wd, _ = x.shape
+    kh, kw, _, o = w.shape
+    shape = (n, _out_size(h, kh, strides[0], pads[0]), _out_size(wd, kw, strides[1], pads[1]), o)
+    extra = np.zeros(1, np.float32) if residual is None else residual
+    return _call(CONV_BN_FORWARD, _f32(shape), x, w, mean, inv, bias, extra,
+                 **_attrs(strides, pads, groups, threads), relu=np.int64(relu),
+                 residual=np.int64(residual is not None))
+
+
+def _conv_batch_norm_fwd(x, w, mean, inv, bias, residual, strides, pads, groups, relu, threads):
+    return jax.vjp(lambda *a: _conv_bn_unfused(*a, strides, pads, groups, relu, threads),
+                   x, w, mean, inv, bias, residual)
+
+
+def _conv_batch_norm_bwd(strides, pads, groups, relu, threads, vjp, dy):
+    return vjp(dy)
+
+
+conv_batch_norm.defvjp(_conv_batch_norm_fwd, _conv_batch_norm_bwd)
 
 
 # ----------------------------------------------------------------------------- BatchNorm

@@ -7,6 +7,11 @@
 //   flaxres_onednn_conv_fwd          y[N,Ho,Wo,O]       = conv(x[N,H,W,C], w[KH,KW,C/G,O])
 //   flaxres_onednn_conv_bwd_data     dx[N,H,W,C]        from dy[N,Ho,Wo,O], w[KH,KW,C/G,O]
 //   flaxres_onednn_conv_bwd_weights  dw[KH,KW,C/G,O]    from x[N,H,W,C],   dy[N,Ho,Wo,O]
+//   flaxres_onednn_conv_bn_fwd       y = [relu]((conv(x, w) - mean) * inv + bias [+ residual])
+//        an eval-mode BatchNorm (mean, inv = scale / sqrt(var + eps), bias: [O] each) and the
+//        ReLU / residual add after it as oneDNN post-ops, so that inference writes each
+//        activation once; attributes relu and residual (0/1) besides those below, and a
+//        one-element residual buffer where there is none.
 //
 // Attributes (int64): stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right (explicit,
 // non-negative), groups (lax's feature_group_count: output channel o belongs to group
@@ -23,6 +28,8 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 #include "onednn_common.h"
 
@@ -38,7 +45,12 @@ using dims = dnnl::memory::dims;
 using tag = dnnl::memory::format_tag;
 constexpr auto f32 = dnnl::memory::data_type::f32;
 
-enum Kind : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+enum Kind : int64_t {
+  kForward = 0, kBackwardData = 1, kBackwardWeights = 2, kForwardBatchNorm = 3
+};
+
+// Post-ops of kForwardBatchNorm: bit 0 a ReLU, bit 1 a residual add.
+constexpr int kRelu = 1, kResidual = 2;
 
 // Everything that determines a primitive.
 struct Geometry {
@@ -46,12 +58,12 @@ struct Geometry {
   int64_t stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups;
 };
 
-using Key = std::array<int64_t, 18>;
+using Key = std::array<int64_t, 19>;
 
-Key MakeKey(Kind kind, const Geometry& g, int threads) {
+Key MakeKey(Kind kind, const Geometry& g, int post, int threads) {
   return {kind,        g.n,        g.h,        g.w,       g.c,          g.o,
           g.ho,        g.wo,       g.kh,       g.kw,      g.stride_h,   g.stride_w,
-          g.pad_top,   g.pad_bottom, g.pad_left, g.pad_right, g.groups, threads};
+          g.pad_top,   g.pad_bottom, g.pad_left, g.pad_right, g.groups, post, threads};
 }
 
 // One convolution primitive with the descriptors of its three tensors and, where oneDNN wants the
@@ -68,6 +80,8 @@ struct Entry {
   dnnl::primitive conv;
   dnnl::memory::desc scratch;
   Operand in0, in1, out;
+  // kForwardBatchNorm: the per-channel and the residual operands of the post-ops, in order.
+  std::vector<dnnl::memory::desc> post_args;
 };
 
 struct Descs {
@@ -107,17 +121,40 @@ Operand MakeOperand(int arg, const dnnl::memory::desc& user, const dnnl::memory:
   return op;
 }
 
-dnnl::convolution_forward::primitive_desc ForwardDesc(const Descs& d) {
+dnnl::convolution_forward::primitive_desc ForwardDesc(
+    const Descs& d, const dnnl::primitive_attr& attr = UserScratchpad()) {
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, d.src,
-      d.wei_any, d.dst, d.strides, d.pad_l, d.pad_r, UserScratchpad());
+      d.wei_any, d.dst, d.strides, d.pad_l, d.pad_r, attr);
 }
 
-std::unique_ptr<Entry> Create(Kind kind, const Geometry& g) {
+// (y - mean) * inv + bias [+ residual] [relu] as post-ops, in the order eval-mode BatchNorm
+// computes them; fills the descriptors of their operands.
+dnnl::primitive_attr BatchNormPostOps(const Descs& d, int64_t channels, int post,
+                                      std::vector<dnnl::memory::desc>& args) {
+  dnnl::memory::desc channel({1, channels, 1, 1}, f32, tag::nhwc);
+  dnnl::post_ops ops;
+  for (auto alg : {dnnl::algorithm::binary_sub, dnnl::algorithm::binary_mul,
+                   dnnl::algorithm::binary_add}) {
+    ops.append_binary(alg, channel);
+    args.push_back(channel);
+  }
+  if (post & kResidual) {
+    ops.append_binary(dnnl::algorithm::binary_add, d.dst);
+    args.push_back(d.dst);
+  }
+  if (post & kRelu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  dnnl::primitive_attr attr = UserScratchpad();
+  attr.set_post_ops(ops);
+  return attr;
+}
+
+std::unique_ptr<Entry> Create(Kind kind, const Geometry& g, int post) {
   Descs d = MakeDescs(g);
   auto e = std::make_unique<Entry>();
-  if (kind == kForward) {
-    auto pd = ForwardDesc(d);
+  if (kind == kForward || kind == kForwardBatchNorm) {
+    auto pd = kind == kForward ? ForwardDesc(d)
+                               : ForwardDesc(d, BatchNormPostOps(d, g.o, post, e->post_args));
     e->conv = dnnl::convolution_forward(pd);
     e->scratch = pd.scratchpad_desc();
     e->in0 = MakeOperand(DNNL_ARG_SRC, d.src, pd.src_desc(), false);
@@ -147,18 +184,20 @@ std::unique_ptr<Entry> Create(Kind kind, const Geometry& g) {
   return e;
 }
 
-const Entry& Cached(Kind kind, const Geometry& g, int threads) {
+const Entry& Cached(Kind kind, const Geometry& g, int post, int threads) {
   static std::mutex mu;
   static std::map<Key, std::unique_ptr<Entry>> cache;
-  Key key = MakeKey(kind, g, threads);
+  Key key = MakeKey(kind, g, post, threads);
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
-  if (it == cache.end()) it = cache.emplace(key, Create(kind, g)).first;
+  if (it == cache.end()) it = cache.emplace(key, Create(kind, g, post)).first;
   return *it->second;
 }
 
-// Runs one convolution on XLA's buffers; synchronous (oneDNN's OpenMP runtime returns when done).
-void Execute(const Entry& e, void* in0, void* in1, void* out) {
+// Runs one convolution on XLA's buffers, with the post-ops' operands (e.post_args order);
+// synchronous (oneDNN's OpenMP runtime returns when done).
+void Execute(const Entry& e, void* in0, void* in1, void* out,
+             std::initializer_list<void*> post = {}) {
   // Separate buffers: the conv's scratchpad and each reordered operand are live at once.
   thread_local ThreadBuffer scratch_buf, in0_buf, in1_buf, out_buf, reorder_buf;
   dnnl::stream stream(Engine());
@@ -180,8 +219,16 @@ void Execute(const Entry& e, void* in0, void* in1, void* out) {
   if (e.in0.needs_reorder()) reorder(e.in0, a_user, a);
   if (e.in1.needs_reorder()) reorder(e.in1, b_user, b);
   dnnl::memory scratch(e.scratch, Engine(), scratch_buf.Get(e.scratch.get_size()));
-  e.conv.execute(stream, {{e.in0.arg, a}, {e.in1.arg, b}, {e.out.arg, c},
-                          {DNNL_ARG_SCRATCHPAD, scratch}});
+  std::unordered_map<int, dnnl::memory> args{
+      {e.in0.arg, a}, {e.in1.arg, b}, {e.out.arg, c}, {DNNL_ARG_SCRATCHPAD, scratch}};
+  int i = 0;
+  for (void* ptr : post) {
+    if (i == int(e.post_args.size())) break;  // a residual buffer the post-ops do not use
+    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(i) | DNNL_ARG_SRC_1,
+                 dnnl::memory(e.post_args[i], Engine(), ptr));
+    ++i;
+  }
+  e.conv.execute(stream, args);
   if (e.out.needs_reorder()) reorder(e.out, c, c_user);
   stream.wait();
 }
@@ -200,13 +247,14 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
           a.stride_h, a.stride_w, a.pad_top, a.pad_bottom, a.pad_left, a.pad_right, a.groups};
 }
 
-ffi::Error Run(Kind kind, const Geometry& g, int64_t threads, void* in0, void* in1, void* out) {
+ffi::Error Run(Kind kind, const Geometry& g, int64_t threads, void* in0, void* in1, void* out,
+               int post = 0, std::initializer_list<void*> post_ptrs = {}) {
   if (g.groups < 1 || g.c % g.groups != 0 || g.o % g.groups != 0) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "flaxres oneDNN conv: channels not divisible by groups");
   }
   return flaxres::Guarded("flaxres oneDNN conv", [&] {
-    Execute(Cached(kind, g, flaxres::UseThreads(threads)), in0, in1, out);
+    Execute(Cached(kind, g, post, flaxres::UseThreads(threads)), in0, in1, out, post_ptrs);
   });
 }
 
@@ -216,6 +264,27 @@ ffi::Error Forward(Buffer4 x, Buffer4 w, Result4 y, int64_t stride_h, int64_t st
   Attrs a{stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups, threads};
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), a);
   return Run(kForward, g, threads, x.untyped_data(), w.untyped_data(), y->untyped_data());
+}
+
+using Buffer1 = ffi::Buffer<ffi::F32, 1>;
+using AnyF32 = ffi::Buffer<ffi::F32>;
+
+ffi::Error ForwardBatchNorm(Buffer4 x, Buffer4 w, Buffer1 mean, Buffer1 inv, Buffer1 bias,
+                            AnyF32 residual, Result4 y, int64_t stride_h, int64_t stride_w,
+                            int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
+                            int64_t pad_right, int64_t groups, int64_t threads, int64_t relu,
+                            int64_t has_residual) {
+  Attrs a{stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups, threads};
+  auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), a);
+  if (has_residual && residual.element_count() != y->element_count()) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "flaxres oneDNN conv: the residual must have the output's shape");
+  }
+  const int post = (relu ? kRelu : 0) | (has_residual ? kResidual : 0);
+  return Run(kForwardBatchNorm, g, threads, x.untyped_data(), w.untyped_data(),
+             y->untyped_data(), post,
+             {mean.untyped_data(), inv.untyped_data(), bias.untyped_data(),
+              residual.untyped_data()});
 }
 
 ffi::Error BackwardData(Buffer4 dy, Buffer4 w, Result4 dx, int64_t stride_h, int64_t stride_w,
@@ -248,6 +317,17 @@ ffi::Error BackwardWeights(Buffer4 x, Buffer4 dy, Result4 dw, int64_t stride_h, 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_fwd, Forward,
                               ffi::Ffi::Bind().Arg<Buffer4>().Arg<Buffer4>().Ret<Buffer4>()
                                   FLAXRES_CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bn_fwd, ForwardBatchNorm,
+                              ffi::Ffi::Bind()
+                                  .Arg<Buffer4>()
+                                  .Arg<Buffer4>()
+                                  .Arg<Buffer1>()
+                                  .Arg<Buffer1>()
+                                  .Arg<Buffer1>()
+                                  .Arg<AnyF32>()
+                                  .Ret<Buffer4>() FLAXRES_CONV_ATTRS
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("residual"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bwd_data, BackwardData,
                               ffi::Ffi::Bind().Arg<Buffer4>().Arg<Buffer4>().Ret<Buffer4>()
                                   FLAXRES_CONV_ATTRS);
