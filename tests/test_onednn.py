@@ -297,6 +297,8 @@ def test_cli_flags_select_onednn():
 
     args = cli.parse_args(["--cpu-conv", "onednn"])
     assert cli._cpu_ops(args) == ONEDNN == ops.CpuOps()
+    assert cli._cpu_ops(cli.parse_args(["--no-onednn-batch-norm"])) == ops.CpuOps(
+        onednn_batch_norm=False)
     assert cli._cpu_conv("onednn") == f"onednn {onednn.version()}"
     cfg = cifar.parse_args(["--arch", "resnet8", "--cpu-conv", "onednn"])
     assert loop.build_model(cfg).conv1.conv_general_dilated.cpu == ONEDNN

@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(flaxres.CpuOps.conv): oneDNN through jax.ffi (docs/onednn.md) or XLA; "
                         "recorded in the results (default: onednn where the C++ extension is "
                         "built, else xla)")
+    p.add_argument("--no-onednn-batch-norm", action="store_true",
+                   help="with oneDNN convolutions, BatchNorm (train mode, and eval mode's post-ops) "
+                        "on XLA instead (flaxres.CpuOps.onednn_batch_norm), for before/after "
+                        "comparisons")
     add_malloc_flag(p)
     args = p.parse_args(argv)
     from flaxres.cpu import onednn
@@ -92,7 +96,8 @@ def _cpu_ops(args: argparse.Namespace):
     import flaxres
 
     base = flaxres.CpuOps.off() if args.no_fast_ops else flaxres.CpuOps()
-    return dataclasses.replace(base, conv=args.cpu_conv)
+    return dataclasses.replace(base, conv=args.cpu_conv,
+                               onednn_batch_norm=not args.no_onednn_batch_norm)
 
 
 def _cpu_conv(choice: str) -> str:
@@ -152,7 +157,8 @@ def measure(args: argparse.Namespace, fws: list[str]) -> dict:
         results = {"args": vars(args), "machine": report.machine(), "archs": {},
                    "precision_policy": policy, "torch_device": dev,
                    "flaxres_ops": "off (lax + autodiff BatchNorm)" if args.no_fast_ops else "on",
-                   "cpu_conv": _cpu_conv(args.cpu_conv),
+                   "cpu_conv": _cpu_conv(args.cpu_conv)
+                   + (" (BatchNorm on XLA)" if args.no_onednn_batch_norm else ""),
                    "timing": "all frameworks in one process, reps interleaved"}
         print(f"# {results['machine']['cpu']}, threads={args.threads}, load "
               f"{results['machine']['loadavg_start']}", flush=True)
