@@ -31,16 +31,10 @@
 
 #include "onednn_common.h"
 
-namespace ffi = xla::ffi;
-
+namespace flaxres {
 namespace {
 
-using flaxres::Engine;
-using flaxres::ThreadBuffer;
-using flaxres::UserScratchpad;
-using tag = dnnl::memory::format_tag;
 using flags = dnnl::normalization_flags;
-constexpr auto f32 = dnnl::memory::data_type::f32;
 
 using Key = std::array<int64_t, 8>;  // backward?, n, h, w, c, relu, epsilon's bits, threads
 
@@ -162,13 +156,17 @@ ffi::Error Backward(Buffer4 x, Buffer1 mean, Buffer1 var, Buffer4 dy, Buffer1 sc
 }
 
 }  // namespace
+}  // namespace flaxres
+
+namespace ffi = xla::ffi;
+using flaxres::Buffer1, flaxres::Buffer4, flaxres::Workspace;
 
 #define FLAXRES_BN_ATTRS \
   .Attr<float>("epsilon").Attr<int64_t>("relu").Attr<int64_t>("threads")
 
 // Built with -fvisibility=hidden: only the handlers and the queries are exported.
 #pragma GCC visibility push(default)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_bn_fwd, Forward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_bn_fwd, flaxres::Forward,
                               ffi::Ffi::Bind()
                                   .Arg<Buffer4>()
                                   .Arg<Buffer1>()
@@ -177,7 +175,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_bn_fwd, Forward,
                                   .Ret<Buffer1>()
                                   .Ret<Buffer1>()
                                   .Ret<Workspace>() FLAXRES_BN_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_bn_bwd, Backward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_bn_bwd, flaxres::Backward,
                               ffi::Ffi::Bind()
                                   .Arg<Buffer4>()
                                   .Arg<Buffer1>()
@@ -195,9 +193,9 @@ extern "C" const char* flaxres_onednn_bn_impl(int64_t n, int64_t h, int64_t w, i
                                               int relu, int backward) {
   static thread_local std::string info;
   try {
-    auto data = DataDesc(n, h, w, c);
-    auto fwd = ForwardDesc(data, 1e-5f, relu != 0);
-    info = backward ? BackwardDesc(data, 1e-5f, relu != 0, fwd).impl_info_str()
+    auto data = flaxres::DataDesc(n, h, w, c);
+    auto fwd = flaxres::ForwardDesc(data, 1e-5f, relu != 0);
+    info = backward ? flaxres::BackwardDesc(data, 1e-5f, relu != 0, fwd).impl_info_str()
                     : fwd.impl_info_str();
   } catch (const dnnl::error& err) {
     info = std::string("unsupported: ") + err.what();

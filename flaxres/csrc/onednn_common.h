@@ -15,6 +15,10 @@
 
 namespace flaxres {
 
+namespace ffi = xla::ffi;
+using tag = dnnl::memory::format_tag;
+constexpr auto f32 = dnnl::memory::data_type::f32;
+
 inline dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;

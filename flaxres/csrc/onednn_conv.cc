@@ -33,17 +33,10 @@
 
 #include "onednn_common.h"
 
-namespace ffi = xla::ffi;
-
+namespace flaxres {
 namespace {
 
-using flaxres::Engine;
-using flaxres::ThreadBuffer;
-using flaxres::UserScratchpad;
-
 using dims = dnnl::memory::dims;
-using tag = dnnl::memory::format_tag;
-constexpr auto f32 = dnnl::memory::data_type::f32;
 
 enum Kind : int64_t {
   kForward = 0, kBackwardData = 1, kBackwardWeights = 2, kForwardBatchNorm = 3
@@ -306,6 +299,10 @@ ffi::Error BackwardWeights(Buffer4 x, Buffer4 dy, Result4 dw, int64_t stride_h, 
 }
 
 }  // namespace
+}  // namespace flaxres
+
+namespace ffi = xla::ffi;
+using flaxres::AnyF32, flaxres::Buffer1, flaxres::Buffer4;
 
 #define FLAXRES_CONV_ATTRS                                                          \
   .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top")     \
@@ -314,10 +311,10 @@ ffi::Error BackwardWeights(Buffer4 x, Buffer4 dy, Result4 dw, int64_t stride_h, 
 
 // Built with -fvisibility=hidden: only the handlers and the version query are exported.
 #pragma GCC visibility push(default)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_fwd, Forward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_fwd, flaxres::Forward,
                               ffi::Ffi::Bind().Arg<Buffer4>().Arg<Buffer4>().Ret<Buffer4>()
                                   FLAXRES_CONV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bn_fwd, ForwardBatchNorm,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bn_fwd, flaxres::ForwardBatchNorm,
                               ffi::Ffi::Bind()
                                   .Arg<Buffer4>()
                                   .Arg<Buffer4>()
@@ -328,10 +325,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bn_fwd, ForwardBatchNorm,
                                   .Ret<Buffer4>() FLAXRES_CONV_ATTRS
                                   .Attr<int64_t>("relu")
                                   .Attr<int64_t>("residual"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bwd_data, BackwardData,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bwd_data, flaxres::BackwardData,
                               ffi::Ffi::Bind().Arg<Buffer4>().Arg<Buffer4>().Ret<Buffer4>()
                                   FLAXRES_CONV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bwd_weights, BackwardWeights,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bwd_weights, flaxres::BackwardWeights,
                               ffi::Ffi::Bind().Arg<Buffer4>().Arg<Buffer4>().Ret<Buffer4>()
                                   FLAXRES_CONV_ATTRS);
 
