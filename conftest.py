@@ -27,10 +27,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "full: runs only with --full (whole matrix, long runs)")
     from flaxres.cpu import onednn
 
-    if config.getoption("--cpu-conv") is None:
-        config.option.cpu_conv = onednn.default_conv()
-    elif config.getoption("--cpu-conv") == "onednn" and (reason := onednn.unavailable_reason()):
-        raise pytest.UsageError(f"--cpu-conv onednn: {reason}")
+    try:
+        config.option.cpu_conv = onednn.resolve_conv(config.getoption("--cpu-conv"))
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
     cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
     if cache or jax.config.jax_compilation_cache_dir:
         from train import cifar

@@ -106,9 +106,10 @@ def _conv_bn(conv: nnx.Conv, bn: BatchNorm | None, x: jax.Array, *, relu: bool,
             x, conv.kernel[...], conv.strides, conv.padding, conv.feature_group_count,
             bn.mean[...], bn.running_scale(), bn.bias[...], residual, relu=relu, cpu=bn.cpu_ops)
     y = conv(x)
-    if residual is None:
-        return (nnx.relu(y) if bn is None else bn(y, relu=True)) if relu else _maybe(bn, y)
-    return _relu_if(relu, _maybe(bn, y) + residual)
+    if bn is not None and residual is None:
+        return bn(y, relu=relu)
+    y = _maybe(bn, y)
+    return _relu_if(relu, y if residual is None else y + residual)
 
 
 class _KeyStream:

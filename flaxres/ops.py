@@ -226,7 +226,8 @@ def conv_batch_norm_eval(x, w, strides, padding, groups: int, mean, inv, bias, r
     symmetric or explicit padding) followed by an eval-mode BatchNorm (``inv = scale * rsqrt(var +
     eps)``) and what comes after it in a block. On the CPU with oneDNN (fp32) one call computes it
     all, the BatchNorm and the rest as post-ops of the convolution (inference writes each
-    activation once); elsewhere the convolution of ``cpu`` and XLA's elementwise ops."""
+    activation once; under autodiff the forward runs unfused, as below); elsewhere the
+    convolution of ``cpu`` and XLA's elementwise ops."""
     strides = tuple(int(s) for s in strides)
     pads = _explicit_padding(padding, x.shape, w.shape, strides)
 
@@ -241,8 +242,12 @@ def conv_batch_norm_eval(x, w, strides, padding, groups: int, mean, inv, bias, r
     if (cpu.conv == "onednn" and cpu.onednn_batch_norm and onednn.supports(x, w, groups)
             and all(a.dtype == x.dtype for a in operands if a is not None)
             and not any(p < 0 for pair in pads for p in pair) and onednn.available()):
-        fused = lambda *a: onednn.conv_batch_norm(*a, strides, pads, groups, relu,
+        @jax.custom_vjp
+        def fused(*a):
+            return onednn.conv_batch_norm_forward(*a, strides, pads, groups, relu,
                                                   cpu.onednn_threads)
+
+        fused.defvjp(lambda *a: jax.vjp(plain, *a), lambda vjp, dy: vjp(dy))
         return lax.platform_dependent(*operands, cpu=fused, default=plain)
     return plain(*operands)
 

@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true",
                    help="trajectories for every architecture too (as pytest --full)")
     args = p.parse_args(argv)
-    if args.cpu_conv is None:
-        args.cpu_conv = onednn.default_conv()
-    elif args.cpu_conv == "onednn" and (reason := onednn.unavailable_reason()):
-        p.error(f"--cpu-conv onednn: {reason}")
+    try:
+        args.cpu_conv = onednn.resolve_conv(args.cpu_conv)
+    except ValueError as e:
+        p.error(str(e))
     tiny = {a.id: a for a in TRAJ_TINY}
     every = {**BY_ID, **tiny}
     ids = list(every) if args.arch is None else args.arch.split(",")

@@ -116,6 +116,17 @@ def default_conv() -> str:
     return "onednn" if unavailable_reason() is None else "xla"
 
 
+def resolve_conv(requested: str | None) -> str:
+    """A tool's ``--cpu-conv`` value: :func:`default_conv` where none was given; raises
+    ValueError naming the flag and the cause where ``"onednn"`` was asked for and cannot run (an
+    A/B measurement must not silently time XLA twice)."""
+    if requested is None:
+        return default_conv()
+    if requested == "onednn" and (reason := unavailable_reason()):
+        raise ValueError(f"--cpu-conv onednn: {reason}")
+    return requested
+
+
 def available() -> bool:
     """Whether oneDNN convolutions can run (warns once if not)."""
     return library() is not None
@@ -197,19 +208,12 @@ def _conv_bwd(strides, pads, groups, threads, residuals, dy):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _conv_bn_unfused(x, w, mean, inv, bias, residual, strides, pads, groups, relu, threads):
-    y = (conv(x, w, strides, pads, groups, threads) - mean) * inv + bias
-    y = y if residual is None else y + residual
-    return jax.nn.relu(y) if relu else y
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def conv_batch_norm(x, w, mean, inv, bias, residual, strides, pads, groups: int = 1,
-                    relu: bool = False, threads: int = 0):
+def conv_batch_norm_forward(x, w, mean, inv, bias, residual, strides, pads, groups: int = 1,
+                            relu: bool = False, threads: int = 0):
     """``[relu]((conv(x, w) - mean) * inv + bias [+ residual])``, an eval-mode BatchNorm (``inv =
     scale * rsqrt(var + eps)``) and what follows it computed as oneDNN post-ops of the
     convolution, so the activation is written once; ``residual`` None or of the output's shape.
-    Differentiable: under autodiff the forward runs unfused (convolution, then XLA)."""
+    Not differentiable itself (flaxres.ops.conv_batch_norm_eval differentiates it unfused)."""
     n, h, wd, _ = x.shape
     kh, kw, _, o = w.shape
     shape = (n, _out_size(h, kh, strides[0], pads[0]), _out_size(wd, kw, strides[1], pads[1]), o)
@@ -217,18 +221,6 @@ def conv_batch_norm(x, w, mean, inv, bias, residual, strides, pads, groups: int 
     return _call(CONV_BN_FORWARD, _f32(shape), x, w, mean, inv, bias, extra,
                  **_attrs(strides, pads, groups, threads), relu=np.int64(relu),
                  residual=np.int64(residual is not None))
-
-
-def _conv_batch_norm_fwd(x, w, mean, inv, bias, residual, strides, pads, groups, relu, threads):
-    return jax.vjp(lambda *a: _conv_bn_unfused(*a, strides, pads, groups, relu, threads),
-                   x, w, mean, inv, bias, residual)
-
-
-def _conv_batch_norm_bwd(strides, pads, groups, relu, threads, vjp, dy):
-    return vjp(dy)
-
-
-conv_batch_norm.defvjp(_conv_batch_norm_fwd, _conv_batch_norm_bwd)
 
 
 # ----------------------------------------------------------------------------- BatchNorm

@@ -74,10 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if args.no_fast_ops and args.cpu_conv == "onednn":
         p.error("--no-fast-ops times XLA's plain convolutions; it excludes --cpu-conv onednn")
-    if args.cpu_conv is None:
-        args.cpu_conv = "xla" if args.no_fast_ops else onednn.default_conv()
-    elif args.cpu_conv == "onednn" and (reason := onednn.unavailable_reason()):
-        p.error(f"--cpu-conv onednn: {reason}")
+    try:
+        args.cpu_conv = onednn.resolve_conv("xla" if args.no_fast_ops else args.cpu_conv)
+    except ValueError as e:
+        p.error(str(e))
     unknown = set(_names(args.frameworks)) - set(FRAMEWORKS)
     if unknown:
         p.error(f"--frameworks: unknown {', '.join(sorted(unknown))}; choose from "

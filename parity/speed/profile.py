@@ -54,10 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     from flaxres.cpu import onednn  # imports jax: the threads are set when main() starts
 
-    if args.cpu_conv is None:
-        args.cpu_conv = onednn.default_conv()
-    elif args.cpu_conv == "onednn" and (reason := onednn.unavailable_reason()):
-        p.error(f"--cpu-conv onednn: {reason}")
+    try:
+        args.cpu_conv = onednn.resolve_conv(args.cpu_conv)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
