@@ -7,11 +7,24 @@ Compiled XLA executables persist in pytest's cache folder (``.pytest_cache/d/xla
 the xdist workers, the runs the tests start and the next ``pytest``: most of the suite's time on
 a small CPU is compiling, and an executable is reused only for an identical program (the cache
 key is the program and its compile options, so a changed model or step compiles anew).
-``pytest --cache-clear`` starts cold; ``JAX_COMPILATION_CACHE_DIR`` still wins."""
+``pytest --cache-clear`` starts cold; ``JAX_COMPILATION_CACHE_DIR`` still wins.
 
+Each xdist worker (and each process its tests start) gets an equal share of the cores as
+threads for OpenMP (oneDNN, PyTorch) and, at one core, single-threaded Eigen in XLA: the tests'
+inputs are tiny, and two workers with two threads each on two cores spent a quarter of the parity
+tier's time handing work between oversubscribed threads (measured: docs/parity.md, Tiers)."""
 
-import jax
-import pytest
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # set by xdist before a worker loads conftests
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    if _threads == 1 and "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_multi_thread_eigen=false").strip()
+
+import jax  # noqa: E402  (after the thread settings, which XLA and OpenMP read once)
+import pytest  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,9 @@ import torch
 from flaxres.cpu.malloc import retain_freed_memory
 from parity.reference import create_torch_model
 from train import cifar, loop
+from train.checkpoint import CheckpointError
 from train.config import Config
+from train.data import DataError
 
 
 def torch_augment(x, gen):
@@ -42,10 +45,42 @@ def torch_augment(x, gen):
     return torch.where(flip[:, None, None, None], out.flip(2), out)
 
 
-def train_torch(cfg: Config, threads: int | None = None) -> dict:
-    """The PyTorch reference loop for ``cfg`` (CPU), as the popular CIFAR scripts train."""
+# Config fields a resumed PyTorch run must share with its state file.
+TORCH_RESUME_FIXED = ("arch", "data_dir", "epochs", "subset", "seed", "batch_size", "lr",
+                      "momentum", "nesterov", "weight_decay", "schedule", "augment")
+
+
+def _torch_state(path: Path, cfg: Config) -> dict | None:
+    """The saved state of an interrupted run, or None; a state from another recipe is an error
+    (resuming it would mix two runs)."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # torch raises several kinds for a damaged file
+        raise ValueError(f"{path}: not a readable PyTorch run state ({e})") from None
+    theirs = state.get("config", {})
+    changed = [f for f in TORCH_RESUME_FIXED if theirs.get(f) != getattr(cfg, f)]
+    if changed:
+        raise ValueError(f"{path}: saved by a run with other settings ({', '.join(changed)}); "
+                         "use another --workdir")
+    return state
+
+
+def _save_atomically(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)  # a kill mid-write leaves the previous epoch's state whole
+
+
+def train_torch(cfg: Config, threads: int | None = None, state_path: Path | None = None) -> dict:
+    """The PyTorch reference loop for ``cfg`` (CPU), as the popular CIFAR scripts train, with a
+    test evaluation after every epoch as ``train.cifar`` does. With ``state_path`` the run
+    saves model, optimizer and RNG state there after every epoch and continues from it, so a
+    90-epoch reference survives interruptions; a resumed run equals an uninterrupted one."""
     if threads:
         torch.set_num_threads(threads)
+    saved = _torch_state(state_path, cfg) if state_path else None  # before the data: fail fast
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     arrays, _, _ = loop.load_data(cfg)
@@ -57,13 +92,26 @@ def train_torch(cfg: Config, threads: int | None = None) -> dict:
     def prep(x):  # uint8 NHWC -> normalised NCHW, as ToTensor + Normalize
         return (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
 
+    def test_accuracy() -> float:
+        model.eval()
+        with torch.no_grad():
+            correct = sum((model(prep(xte[i:i + 1000])).argmax(1) == yte[i:i + 1000]).sum().item()
+                          for i in range(0, len(yte), 1000))
+        return correct / len(yte)
+
     model = create_torch_model(cfg.arch, num_classes=cfg.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     spe = len(ytr) // cfg.batch_size
     total = cfg.total_steps(spe)
     schedule = cfg.lr_schedule(spe)
-    step, t0, history = 0, time.perf_counter(), []
+    step, train_time, history = 0, 0.0, []
+    if saved:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        step, train_time, history = saved["step"], saved["train_time"], saved["history"]
+        print(f"  torch: resumed {state_path} at epoch {len(history)}", flush=True)
     while step < total:
         model.train()
         perm = torch.randperm(len(ytr), generator=gen)
@@ -82,25 +130,31 @@ def train_torch(cfg: Config, threads: int | None = None) -> dict:
             loss_sum += loss.item() * len(idx)
             correct += (out.argmax(1) == ytr[idx]).sum().item()
             seen += len(idx)
-        elapsed = time.perf_counter() - t_ep
+        train_elapsed = time.perf_counter() - t_ep
+        train_time += train_elapsed
+        test_acc = test_accuracy()
         history.append({"epoch": len(history) + 1, "train_loss": loss_sum / seen,
-                        "train_acc": correct / seen, "img_per_s": seen / elapsed})
+                        "train_acc": correct / seen, "test_acc": test_acc,
+                        "img_per_s": seen / train_elapsed})
         print(f"  torch epoch {len(history)}: train loss {loss_sum / seen:.4f} acc "
-              f"{correct / seen:.2%} ({seen / elapsed:.0f} img/s)", flush=True)
-    model.eval()
-    with torch.no_grad():
-        correct = sum((model(prep(xte[i:i + 1000])).argmax(1) == yte[i:i + 1000]).sum().item()
-                      for i in range(0, len(yte), 1000))
-    return {"final_acc": correct / len(yte), "history": history,
-            "train_time": time.perf_counter() - t0}
+              f"{correct / seen:.2%} | test acc {test_acc:.2%} ({seen / train_elapsed:.0f} img/s)",
+              flush=True)
+        if state_path:
+            _save_atomically({"config": {f: getattr(cfg, f) for f in TORCH_RESUME_FIXED},
+                              "model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "generator": gen.get_state(), "step": step,
+                              "train_time": train_time, "history": history}, state_path)
+    return {"final_acc": history[-1]["test_acc"] if history else test_accuracy(),
+            "history": history, "train_time": train_time}
 
 
-def train_flax(cfg: Config) -> dict:
-    with tempfile.TemporaryDirectory() as wd:
-        cfg.workdir = wd
-        t0 = time.perf_counter()
+def train_flax(cfg: Config, workdir: Path | None = None) -> dict:
+    """``train.cifar``'s loop for ``cfg``; with ``workdir`` it checkpoints there and resumes
+    what an earlier call left (``--resume``), else it runs in a temporary folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.workdir, cfg.resume = str(workdir or tmp), workdir is not None
         res = loop.train(cfg)
-    res["train_time"] = time.perf_counter() - t0
+    res["train_time"] = sum(h["epoch_time"] for h in res["history"])  # as the torch side's
     return res
 
 
@@ -132,8 +186,24 @@ def main(argv: list[str] | None = None) -> dict:
                    help="PyTorch intra-op threads (default: PyTorch's choice)")
     p.add_argument("--json", default="accuracy.json", help="results file "
                    "(default: accuracy.json)")
+    p.add_argument("--workdir", default=None,
+                   help="keep every run's state here (flax-seed<S>/ as train.cifar's workdir, "
+                        "torch-seed<S>.pt) and continue what an interrupted call left; "
+                        "default: nothing kept")
     args = p.parse_args(argv)
     cifar.enable_compilation_cache()
+    try:
+        return compare(args)
+    except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """Every (framework, seed) run of ``args``; the results file is rewritten after each."""
+    work = Path(args.workdir) if args.workdir else None
+    if work:
+        work.mkdir(parents=True, exist_ok=True)
     results: dict = {"config": vars(args), "runs": {}}
     for fw in args.frameworks:
         runs = []
@@ -142,10 +212,15 @@ def main(argv: list[str] | None = None) -> dict:
                          subset=args.subset, seed=seed, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, schedule=args.schedule, plot=False)
             print(f"{fw} seed {seed}", flush=True)
-            res = train_flax(cfg) if fw == "flax" else train_torch(cfg, args.threads)
+            if fw == "flax":
+                res = train_flax(cfg, work and work / f"flax-seed{seed}")
+            else:
+                res = train_torch(cfg, args.threads,
+                                  work and work / f"torch-seed{seed}.pt")
             runs.append({"seed": seed, "final_acc": res["final_acc"],
                          "train_time": res["train_time"],
-                         "img_per_s": [h["img_per_s"] for h in res["history"]]})
+                         "img_per_s": [h["img_per_s"] for h in res["history"]],
+                         "test_acc": [h["test_acc"] for h in res["history"]]})
             print(f"{fw} seed {seed}: final test acc {res['final_acc']:.2%} "
                   f"({res['train_time']:.0f} s)", flush=True)
             results["runs"][fw] = runs

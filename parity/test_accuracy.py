@@ -1,11 +1,17 @@
-"""parity.accuracy: the PyTorch side augments exactly as train.data.augment does."""
+"""parity.accuracy: the PyTorch side augments exactly as train.data.augment does, and its
+runs survive interruptions."""
 
+import dataclasses
 import itertools
 
 import numpy as np
+import pytest
 import torch
 
+from parity import accuracy
 from parity.accuracy import torch_augment
+from train import synthetic
+from train.config import Config
 
 
 def _crops(img: np.ndarray) -> list[np.ndarray]:
@@ -25,3 +31,56 @@ def test_torch_augment_is_pad_crop_flip():
     assert set(zeros[:, :, 16].argmin(1).tolist()) == set(range(5))  # every vertical offset
     flipped = [any(np.array_equal(c, out[k]) for c in _crops(imgs[k])[1::2]) for k in range(100)]
     assert 0.3 < np.mean(flipped) < 0.7
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory) -> Config:
+    """Two epochs of 4 steps on synthetic data: enough for a resume to land mid-run."""
+    root = tmp_path_factory.mktemp("accuracy")
+    src = synthetic.write_cifar10_python(root, synthetic.make_arrays(256, 64), tar=True)
+    return Config(arch="resnet8", data_dir=str(src), cache_dir=str(root / "cache"), epochs=2,
+                  batch_size=64, schedule="cosine", plot=False)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_torch_run_resumed_after_an_epoch_equals_uninterrupted(tiny_cfg, tmp_path, monkeypatch):
+    whole = accuracy.train_torch(tiny_cfg, threads=1, state_path=tmp_path / "whole.pt")
+    save = accuracy._save_atomically
+
+    def save_then_die(obj, path):
+        save(obj, path)
+        raise _Killed  # as a kill right after the first epoch's state reached the disk
+
+    with monkeypatch.context() as m:
+        m.setattr(accuracy, "_save_atomically", save_then_die)
+        with pytest.raises(_Killed):
+            accuracy.train_torch(tiny_cfg, threads=1, state_path=tmp_path / "cut.pt")
+    assert len(torch.load(tmp_path / "cut.pt", weights_only=False)["history"]) == 1
+    resumed = accuracy.train_torch(tiny_cfg, threads=1, state_path=tmp_path / "cut.pt")
+    untimed = [[{k: v for k, v in h.items() if k != "img_per_s"} for h in r["history"]]
+               for r in (whole, resumed)]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 2
+    a, b = (torch.load(tmp_path / f, weights_only=False) for f in ("whole.pt", "cut.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_torch_state_of_another_recipe_is_refused(tiny_cfg, tmp_path):
+    accuracy.train_torch(tiny_cfg, threads=1, state_path=tmp_path / "s.pt")
+    other = dataclasses.replace(tiny_cfg, lr=0.05)
+    with pytest.raises(ValueError, match=r"s\.pt: saved by a run with other settings \(lr\)"):
+        accuracy.train_torch(other, threads=1, state_path=tmp_path / "s.pt")
+
+
+def test_damaged_torch_state_is_one_line_and_exit_2(tiny_cfg, tmp_path, capsys):
+    (tmp_path / "torch-seed0.pt").write_bytes(b"not a torch file")
+    with pytest.raises(SystemExit) as e:
+        accuracy.main(["--data-dir", tiny_cfg.data_dir, "--frameworks", "torch", "--seeds", "0",
+                       "--epochs", "2", "--workdir", str(tmp_path),
+                       "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "torch-seed0.pt: not a readable PyTorch run state" in err
+    assert not (tmp_path / "r.json").exists()

@@ -108,14 +108,14 @@ def test_fallbacks_are_lax():
     np.testing.assert_array_equal(a, b)
 
 
-def resnet20_value_and_grad(cpu_ops: ops.CpuOps, batch: int = 16):
+def resnet20_value_and_grad(cpu_ops: ops.CpuOps, batch: int = 16, hw: int = 32):
     """ResNet-20's train-mode loss and parameter gradient with ``cpu_ops``, jitted."""
     import optax
     from flax import nnx
 
     import flaxres
 
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, 32, 32, 3)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, hw, hw, 3)), jnp.float32)
     y = jnp.arange(batch) % 10
     model = flaxres.create_model("resnet20", cpu_ops=cpu_ops)
     gd, params, rest = nnx.split(model, nnx.Param, ...)
