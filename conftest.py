@@ -23,8 +23,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # set by xdist before a worker 
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_multi_thread_eigen=false").strip()
 
-import jax  # noqa: E402  (after the thread settings, which XLA and OpenMP read once)
-import pytest  # noqa: E402
+import jax  # after the thread settings above, which XLA and OpenMP read once
+import pytest
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import statistics
 import sys
 import tempfile
@@ -57,7 +58,7 @@ def _torch_state(path: Path, cfg: Config) -> dict | None:
         return None
     try:
         state = torch.load(path, weights_only=False)
-    except Exception as e:  # torch raises several kinds for a damaged file
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # by kind of damage
         raise ValueError(f"{path}: not a readable PyTorch run state ({e})") from None
     theirs = state.get("config", {})
     changed = [f for f in TORCH_RESUME_FIXED if theirs.get(f) != getattr(cfg, f)]
