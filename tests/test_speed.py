@@ -161,3 +161,16 @@ def test_profile_names_multi_output_custom_calls():
            "  %bn = (f32[2,4,4,8]{3,2,1,0}, f32[8]{0}, f32[8]{0}, u8[256]{0}) custom-call("
            'f32[2,4,4,8]{3,2,1,0} %p), custom_call_target="flaxres_onednn_bn_fwd"\n}\n')
     assert profile.classify_hlo(hlo) == {"bn": "custom-call flaxres_onednn_bn_fwd"}
+
+
+def test_per_convolution_timings_cover_every_shape_and_variant():
+    """parity.speed.convs: flaxres's three oneDNN variants and PyTorch's convolution per shape."""
+    from flaxres.cpu import onednn
+    from parity.speed import convs
+
+    want = {f"{hw}x{hw}x{c}" for hw, c in convs.SHAPES}
+    got = convs.time_torch(batch=2, reps=1)
+    assert {k.split()[0] for k in got} == want and min(got.values()) > 0
+    if onednn.available():
+        got = convs.time_flaxres(batch=2, reps=1)
+        assert len(got) == 3 * len(want) and min(got.values()) > 0

@@ -1,0 +1,110 @@
+"""One convolution at a time, flaxres's oneDNN call against PyTorch's, at ResNet-20's 3x3
+stride-1 shapes (batch 128, channels-last, fp32): whether a whole-net gap sits in the kernels.
+
+    python -m parity.speed.convs [--rounds 3] [--threads 2] [--batch 128]
+
+Each (framework, round) runs in a fresh process, the frameworks alternating, so neither's
+OpenMP runtime shares a process with the other's; each line is the median of ``--reps`` calls.
+flaxres is timed bare (``onednn.conv_forward``) and with the inference post-ops that
+``ops.conv_batch_norm_eval`` adds (eval-mode BatchNorm, ReLU, residual add).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+SHAPES = ((32, 16), (16, 32), (8, 64))  # (H = W, C = O) of ResNet-20's three stages
+
+
+def _median_ms(fn: Callable[..., object], args: tuple, reps: int) -> float:
+    """Median wall time of ``fn(*args)`` (which must block until done) after a warm-up call."""
+    fn(*args)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def time_flaxres(batch: int, reps: int) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flaxres.cpu import onednn
+
+    if not onednn.available():
+        raise SystemExit(f"error: the oneDNN extension is not built ({onednn.unavailable_reason()})")
+    rng, pads, out = np.random.default_rng(0), ((1, 1), (1, 1)), {}
+    for hw, c in SHAPES:
+        x = jnp.asarray(rng.standard_normal((batch, hw, hw, c)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((3, 3, c, c)), jnp.float32)
+        bn = tuple(jnp.asarray(rng.standard_normal(c), jnp.float32) for _ in range(3))
+        variants = {
+            "conv": lambda x, w, bn: onednn.conv_forward(x, w, (1, 1), pads),
+            "conv+bn+relu": lambda x, w, bn: onednn.conv_batch_norm_forward(
+                x, w, *bn, None, (1, 1), pads, 1, True, 0),
+            "conv+bn+residual+relu": lambda x, w, bn: onednn.conv_batch_norm_forward(
+                x, w, *bn, x, (1, 1), pads, 1, True, 0)}
+        for name, f in variants.items():
+            jf = jax.jit(f)
+            out[f"{hw}x{hw}x{c} {name}"] = _median_ms(
+                lambda *a, jf=jf: jf(*a).block_until_ready(), (x, w, bn), reps)
+    return out
+
+
+def time_torch(batch: int, reps: int) -> dict[str, float]:
+    import torch
+
+    out = {}
+    for hw, c in SHAPES:
+        conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).eval()
+        conv = conv.to(memory_format=torch.channels_last)
+        x = torch.randn(batch, c, hw, hw).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            out[f"{hw}x{hw}x{c} conv"] = _median_ms(conv, (x,), reps)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m parity.speed.convs", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3, help="processes per framework (default: 3)")
+    p.add_argument("--threads", type=int, default=2, help="threads per process (default: 2)")
+    p.add_argument("--batch", type=int, default=128, help="(default: 128)")
+    p.add_argument("--reps", type=int, default=30, help="timed calls per line (default: 30)")
+    p.add_argument("--worker", choices=("flaxres", "torch"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:  # one framework in this fresh process
+        from parity.speed.threads import set_threads
+
+        set_threads(args.threads)
+        fn = time_flaxres if args.worker == "flaxres" else time_torch
+        print(json.dumps(fn(args.batch, args.reps)))
+        return
+    rows: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for fw in ("flaxres", "torch"):
+            done = subprocess.run([sys.executable, "-m", "parity.speed.convs", "--worker", fw,
+                                   "--threads", str(args.threads), "--batch", str(args.batch),
+                                   "--reps", str(args.reps)],
+                                  capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise SystemExit(done.stderr.strip().splitlines()[-1])
+            for key, ms in json.loads(done.stdout.splitlines()[-1]).items():
+                rows.setdefault((fw, key), []).append(ms)
+    print(f"batch {args.batch}, {args.threads} threads, ms per call (median of {args.reps}) "
+          "in each round:")
+    for (fw, key), ms in sorted(rows.items(), key=lambda r: (r[0][1].split()[0], r[0][0])):
+        print(f"  {fw:<8} {key:<32} " + "  ".join(f"{m:6.2f}" for m in ms))
+
+
+if __name__ == "__main__":
+    main()
