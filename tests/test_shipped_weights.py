@@ -14,17 +14,23 @@ import flaxres
 from train import cifar
 
 ROOT = Path(__file__).resolve().parents[1]
-RESNET20 = ROOT / "weights" / "resnet20-cifar10-jpeg"
+SHIPPED = sorted(d for d in (ROOT / "weights").iterdir() if (d / "metrics.jsonl").exists())
 SHARED = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+by_name = pytest.mark.parametrize("folder", SHIPPED, ids=[d.name for d in SHIPPED])
 
 
-def logged_final() -> dict:
+def logged_final(folder: Path) -> dict:
     """The last epoch's line of the run's metrics.jsonl."""
-    return json.loads((RESNET20 / "metrics.jsonl").read_text().splitlines()[-1])
+    return json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
 
 
-def test_shipped_resnet20_loads_and_predicts():
-    model = flaxres.create_model("resnet20", pretrained=RESNET20)
+def test_the_shipped_runs_are_found():  # an empty parametrisation would pass silently
+    assert "resnet20-cifar10-jpeg" in {d.name for d in SHIPPED}
+
+
+@by_name
+def test_shipped_resnet20_loads_and_predicts(folder: Path):
+    model = flaxres.create_model("resnet20", pretrained=folder)
     assert flaxres.count_params(model) == 269_722
     model.eval()
     x = np.random.default_rng(0).normal(size=(16, 32, 32, 3)).astype(np.float32)
@@ -34,9 +40,10 @@ def test_shipped_resnet20_loads_and_predicts():
 
 @pytest.mark.full
 @pytest.mark.skipif(not SHARED.exists(), reason=f"needs the JPEG CIFAR-10 copy at {SHARED}")
-def test_eval_only_reproduces_the_logged_accuracy(tmp_path, capsys):
-    cifar.main(["--eval-only", "--checkpoint", str(RESNET20), "--data-dir", str(SHARED),
+@by_name
+def test_eval_only_reproduces_the_logged_accuracy(folder: Path, tmp_path, capsys):
+    cifar.main(["--eval-only", "--checkpoint", str(folder), "--data-dir", str(SHARED),
                 "--cache-dir", str(tmp_path)])
     acc = float(re.search(r"test loss \S+ acc ([\d.]+)%", capsys.readouterr().out).group(1))
     # Trained with oneDNN convolutions, evaluated with XLA's: rounding may flip a near-tie image.
-    assert abs(acc / 100 - logged_final()["test_acc"]) <= 2e-4, acc
+    assert abs(acc / 100 - logged_final(folder)["test_acc"]) <= 2e-4, acc
