@@ -4,7 +4,8 @@ stride-1 shapes (batch 128, channels-last, fp32): whether a whole-net gap sits i
     python -m parity.speed.convs [--rounds 3] [--threads 2] [--batch 128]
 
 Each (framework, round) runs in a fresh process, the frameworks alternating, so neither's
-OpenMP runtime shares a process with the other's; each line is the median of ``--reps`` calls.
+OpenMP runtime shares a process with the other's; each line is the median of ``--reps`` calls
+after an untimed first one.
 flaxres is timed bare (``onednn.conv_forward``) and with the inference post-ops that
 ``ops.conv_batch_norm_eval`` adds (eval-mode BatchNorm, ReLU, residual add).
 """
@@ -12,25 +13,22 @@ flaxres is timed bare (``onednn.conv_forward``) and with the inference post-ops 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
+
+from parity.speed.timing import interleave
 
 SHAPES = ((32, 16), (16, 32), (8, 64))  # (H = W, C = O) of ResNet-20's three stages
 
 
-def _median_ms(fn: Callable[..., object], args: tuple, reps: int) -> float:
-    """Median wall time of ``fn(*args)`` (which must block until done) after a warm-up call."""
-    fn(*args)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+def _median_ms(runners: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
+    """Median ms per synchronous call of each runner, one runner after another (its first,
+    compiling call apart)."""
+    return {name: interleave({name: run}, reps, warmup=0)[name].summary(batch=1)["median_ms"]
+            for name, run in runners.items()}
 
 
 def time_flaxres(batch: int, reps: int) -> dict[str, float]:
@@ -42,7 +40,7 @@ def time_flaxres(batch: int, reps: int) -> dict[str, float]:
 
     if not onednn.available():
         raise SystemExit(f"error: the oneDNN extension is not built ({onednn.unavailable_reason()})")
-    rng, pads, out = np.random.default_rng(0), ((1, 1), (1, 1)), {}
+    rng, pads, runners = np.random.default_rng(0), ((1, 1), (1, 1)), {}
     for hw, c in SHAPES:
         x = jnp.asarray(rng.standard_normal((batch, hw, hw, c)), jnp.float32)
         w = jnp.asarray(rng.standard_normal((3, 3, c, c)), jnp.float32)
@@ -54,23 +52,22 @@ def time_flaxres(batch: int, reps: int) -> dict[str, float]:
             "conv+bn+residual+relu": lambda x, w, bn: onednn.conv_batch_norm_forward(
                 x, w, *bn, x, (1, 1), pads, 1, True, 0)}
         for name, f in variants.items():
-            jf = jax.jit(f)
-            out[f"{hw}x{hw}x{c} {name}"] = _median_ms(
-                lambda *a, jf=jf: jf(*a).block_until_ready(), (x, w, bn), reps)
-    return out
+            runners[f"{hw}x{hw}x{c} {name}"] = functools.partial(
+                lambda jf, *a: jf(*a).block_until_ready(), jax.jit(f), x, w, bn)
+    return _median_ms(runners, reps)
 
 
 def time_torch(batch: int, reps: int) -> dict[str, float]:
     import torch
 
-    out = {}
+    runners = {}
     for hw, c in SHAPES:
         conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).eval()
         conv = conv.to(memory_format=torch.channels_last)
         x = torch.randn(batch, c, hw, hw).to(memory_format=torch.channels_last)
-        with torch.no_grad():
-            out[f"{hw}x{hw}x{c} conv"] = _median_ms(conv, (x,), reps)
-    return out
+        runners[f"{hw}x{hw}x{c} conv"] = functools.partial(conv, x)
+    with torch.no_grad():
+        return _median_ms(runners, reps)
 
 
 def main(argv: list[str] | None = None) -> None:
