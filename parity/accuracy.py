@@ -60,6 +60,8 @@ def _torch_state(path: Path, cfg: Config) -> dict | None:
         state = torch.load(path, weights_only=False)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # by kind of damage
         raise ValueError(f"{path}: not a readable PyTorch run state ({e})") from None
+    if not isinstance(state, dict) or "model" not in state:  # e.g. a bare state dict saved there
+        raise ValueError(f"{path}: not a PyTorch run state saved by parity.accuracy")
     theirs = state.get("config", {})
     changed = [f for f in TORCH_RESUME_FIXED if theirs.get(f) != getattr(cfg, f)]
     if changed:

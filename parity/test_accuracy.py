@@ -74,6 +74,12 @@ def test_torch_state_of_another_recipe_is_refused(tiny_cfg, tmp_path):
         accuracy.train_torch(other, threads=1, state_path=tmp_path / "s.pt")
 
 
+def test_a_torch_file_that_is_no_run_state_is_refused(tiny_cfg, tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "s.pt")
+    with pytest.raises(ValueError, match=r"s\.pt: not a PyTorch run state saved by parity"):
+        accuracy.train_torch(tiny_cfg, threads=1, state_path=tmp_path / "s.pt")
+
+
 def test_damaged_torch_state_is_one_line_and_exit_2(tiny_cfg, tmp_path, capsys):
     (tmp_path / "torch-seed0.pt").write_bytes(b"not a torch file")
     with pytest.raises(SystemExit) as e:
