@@ -27,19 +27,7 @@ from flax import nnx
 import flaxres
 from flaxres.convert import from_torch, named_arrays, to_torch
 from parity import flax_side, torch_side
-from parity.cases import (
-    CHAOS_JITTER,
-    CHAOS_LIMIT,
-    TOL,
-    TRAJ_BOUNDARIES,
-    TRAJ_LR,
-    TRAJ_MOMENTUM,
-    TRAJ_PROBED_STEPS,
-    TRAJ_STEPS,
-    TRAJ_WARMUP,
-    TRAJ_WEIGHT_DECAY,
-    Arch,
-)
+from parity.cases import BATCHES, CHAOS_JITTER, CHAOS_LIMIT, TOL, Arch, Trajectory
 from parity.measure import Measure, one_sided, same_classes, worst
 from train.optim import multistep_schedule, sgd
 
@@ -51,15 +39,16 @@ NP_DTYPE = {"fp32": np.float32, "fp64": np.float64}  # also flaxres's dtype / pa
 TORCH_LAYOUTS = ("nchw", "channels_last")
 
 
-def _schedulers(opt: torch.optim.Optimizer):
+def torch_schedulers(plan: Trajectory) -> Callable[[torch.optim.Optimizer], object]:
     """PyTorch's form of ``trajectory_schedule``: constant warm-up, then MultiStepLR."""
     L = torch.optim.lr_scheduler
-    return L.ChainedScheduler([L.ConstantLR(opt, factor=0.1, total_iters=TRAJ_WARMUP),
-                               L.MultiStepLR(opt, milestones=list(TRAJ_BOUNDARIES), gamma=0.1)])
+    return lambda opt: L.ChainedScheduler([
+        L.ConstantLR(opt, factor=0.1, total_iters=plan.warmup),
+        L.MultiStepLR(opt, milestones=list(plan.boundaries), gamma=0.1)])
 
 
-def trajectory_schedule(base_lr: float) -> optax.Schedule:
-    return multistep_schedule(base_lr, TRAJ_BOUNDARIES, warmup_steps=TRAJ_WARMUP)
+def trajectory_schedule(plan: Trajectory) -> optax.Schedule:
+    return multistep_schedule(plan.lr, plan.boundaries, warmup_steps=plan.warmup)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -119,14 +108,19 @@ class Case:
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True)
         self.arch, self.id, self.cpu_ops = arch, arch.id, cpu_ops
-        self.batch, self.hw = arch.batch, arch.hw
+        self.batch, self.hw, self.plan = arch.batch, arch.hw, arch.trajectory
         rng = np.random.default_rng(seed)
         self.batches = [(rng.standard_normal((self.batch, 3, self.hw, self.hw), np.float32),
-                         rng.integers(0, 10, self.batch)) for _ in range(TRAJ_STEPS + 2)]
+                         rng.integers(0, 10, self.batch)) for _ in range(BATCHES)]
         self.torch_model = arch.build_torch()
         torch_side.randomize_bn(self.torch_model, torch.from_numpy(self.batches[-1][0]), seed)
         self._models: dict[str, flaxres.ResNet] = {}
         self._cache: dict[tuple, object] = {}
+
+    def release(self) -> None:
+        """Drops the models and results kept for the next check (a deep net's take GBs)."""
+        self._models.clear()
+        self._cache.clear()
 
     def model(self, precision: str, source=None) -> flaxres.ResNet:
         """A fresh copy of the flaxres net with the reference's weights (or ``source``'s) at
@@ -309,31 +303,35 @@ class Case:
                 for k, a, b in zip(params, offsets, offsets[1:])], TOL["optim"]))
         return max(measures, key=lambda m: m.error)
 
-    def torch_trajectory(self, precision: str, momentum: float = TRAJ_MOMENTUM,
-                         weight_decay: float = TRAJ_WEIGHT_DECAY, jitter: float = 0.0
+    def torch_trajectory(self, precision: str, momentum: float | None = None,
+                         weight_decay: float | None = None, jitter: float = 0.0
                          ) -> tuple[list[float], dict]:
-        """PyTorch's TRAJ_STEPS of SGD with the warm-up + MultiStepLR schedule (``jitter``: from
-        weights moved by that relative amount, see :func:`parity.torch_side.sgd_run`)."""
+        """PyTorch's run of the case's trajectory (``momentum``, ``weight_decay``: other than
+        the plan's; ``jitter``: from weights moved by that relative amount, see
+        :func:`parity.torch_side.sgd_run`)."""
+        plan = self.plan
+        momentum = plan.momentum if momentum is None else momentum
+        weight_decay = plan.weight_decay if weight_decay is None else weight_decay
         return self._cached(("torch-traj", precision, momentum, weight_decay, jitter),
                             lambda: torch_side.sgd_run(
-                                self.torch_model, self.batches[:TRAJ_STEPS], precision,
-                                TRAJ_LR, momentum, weight_decay, _schedulers, jitter))
+                                self.torch_model, self.batches[:plan.steps], precision,
+                                plan.lr, momentum, weight_decay, torch_schedulers(plan), jitter))
 
     def flax_trajectory(self, precision: str, before_step: Callable | None = None
                         ) -> tuple[list[float], dict[str, np.ndarray]]:
-        """flaxres's TRAJ_STEPS: whole-compiled steps for nets of a few blocks, else the
+        """flaxres's run of the case's trajectory: whole-compiled steps for nets of a few blocks, else the
         jitted-blocks path of the other checks; ``before_step(step, model, opt_state)`` sees
         the weights and the optimiser state (:func:`momentum_buffers`) each step starts from."""
         with jax.enable_x64(precision == "fp64"):
             model = self.model(precision)
             model.train()
-            tx = sgd(trajectory_schedule(TRAJ_LR), momentum=TRAJ_MOMENTUM,
-                     weight_decay=TRAJ_WEIGHT_DECAY)
+            tx = sgd(trajectory_schedule(self.plan), momentum=self.plan.momentum,
+                     weight_decay=self.plan.weight_decay)
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
             opt_state = tx.init(params)
             whole = sum(len(s) for s in model.stages()) <= 4
             losses = []
-            for step in range(TRAJ_STEPS):
+            for step in range(self.plan.steps):
                 if before_step:
                     before_step(step, model, opt_state)
                 _, jx, y = self._x(step, precision)
@@ -349,14 +347,16 @@ class Case:
             return losses, named_arrays(model)
 
     def check_trajectory(self, p: str) -> list[Measure]:
-        """TRAJ_STEPS SGD steps (warm-up, two lr drops) from the same weights on the same
-        batches. float64: the loss at every step, then the final weights and running statistics
-        (:func:`_whole_trajectory`): both frameworks compute the same function, so the
+        """The case's trajectory (SGD with a warm-up and lr drops) from the same weights on the
+        same batches. float64: the loss at every step, then the final weights and running
+        statistics (:func:`_whole_trajectory`): both frameworks compute the same function, so the
         trajectories agree unless the dynamics amplify float64's own rounding past the
-        tolerance. Where that is measured (PyTorch float64 from weights moved by 1e-15 ends
-        beyond the tolerance: plain44 grows a 4e-14 loss difference 100x per step to 6e-2), the
-        whole trajectories say nothing and the steps are checked instead, as in fp32
-        (:meth:`check_trajectory_steps`). fp32: always per step."""
+        tolerance. Where they do not agree, every step is checked from flaxres's own state
+        instead (:meth:`check_trajectory_steps` at each step, which leaves no step of a wrong
+        update unseen), and the note gives how far PyTorch float64 itself moves from weights
+        moved by 1e-15 (plain44 grows a 4e-14 loss difference 100x per step to 6e-2;
+        resnext101_32x8d's jittered run 6e-14 to 2.8e-7 in three steps). fp32: always per step,
+        at the probed steps."""
         if p == "fp32":
             return self.check_trajectory_steps()
         whole = _whole_trajectory(p, self.flax_trajectory(p), self.torch_trajectory(p))
@@ -364,21 +364,20 @@ class Case:
             return whole
         spread = _whole_trajectory("fp64", self.torch_trajectory(p, jitter=CHAOS_JITTER),
                                    self.torch_trajectory(p))
-        if all(m.ok for m in spread):
-            return whole
-        note = (f"float64 dynamics chaotic: PyTorch float64 from weights moved by "
-                f"{CHAOS_JITTER:.0e} ends {max(m.error for m in spread):.1e} off, so the steps "
-                "are checked from flaxres's own state")
-        steps = self.check_trajectory_steps(precision=p)
+        note = (f"whole float64 trajectories {max(m.error for m in whole):.1e} apart, PyTorch "
+                f"float64 from weights moved by {CHAOS_JITTER:.0e} up to "
+                f"{max(m.error for m in spread):.1e} from itself: every step is checked from "
+                "flaxres's own state")
+        steps = self.check_trajectory_steps(steps=range(self.plan.steps), precision=p)
         for m in steps:
             m.note = note
         return steps
 
-    def check_trajectory_steps(self, steps: Sequence[int] = TRAJ_PROBED_STEPS,
-                               momentum: float = TRAJ_MOMENTUM,
-                               weight_decay: float = TRAJ_WEIGHT_DECAY,
+    def check_trajectory_steps(self, steps: Sequence[int] | None = None,
+                               momentum: float | None = None, weight_decay: float | None = None,
                                precision: str = "fp32") -> list[Measure]:
-        """flaxres's own trajectory at ``precision``, probed at ``steps``: from the weights,
+        """flaxres's own trajectory at ``precision``, probed at ``steps`` (default: the plan's
+        ``probed_steps``): from the weights,
         BatchNorm statistics and momentum buffers flaxres reached, PyTorch float64 takes the same
         SGD step on the same batch (the lr from PyTorch's schedulers); the loss, and every weight
         and running statistic after the step, are measured against it, in fp32 with PyTorch fp32
@@ -388,8 +387,13 @@ class Case:
         fp32 ends 91% from float64 on resnet56). One step from shared weights amplifies nothing,
         while a wrong optimiser or BatchNorm update still shows (without weight decay the tiny
         nets' states are 2.5e-4 off, ~1000x their rounding error). ``momentum`` and
-        ``weight_decay`` are PyTorch's step's (to show that the check sees either missing)."""
-        lrs = torch_side.lrs(_schedulers, TRAJ_STEPS, base_lr=TRAJ_LR)
+        ``weight_decay`` are PyTorch's step's if given (to show that the check sees either
+        missing)."""
+        plan = self.plan
+        steps = plan.probed_steps if steps is None else steps
+        momentum = plan.momentum if momentum is None else momentum
+        weight_decay = plan.weight_decay if weight_decay is None else weight_decay
+        lrs = torch_side.lrs(torch_schedulers(plan), plan.steps, base_lr=plan.lr)
         fp32 = precision == "fp32"
         losses64, states, pending = {}, [], None
 
@@ -473,18 +477,21 @@ class Case:
 
     def check_blockwise(self) -> Measure:
         """Diagnostic: the jitted-blocks path the checks use (:mod:`parity.flax_side`) equals
-        the plain un-jitted model, in eval and train mode, including the BN statistics."""
-        _, jx, _ = self._x(0)
+        the plain un-jitted model, in eval and train mode, including the BN statistics; in
+        float64, where two orders of the same fp32 operations cannot differ by more than the
+        tolerance (in fp32, resnet164's stage-3 features did: 1.7e-4, jitted against eager)."""
+        _, jx, _ = self._x(0, "fp64")
         pairs = []
-        for train in (False, True):
-            mode = "train" if train else "eval"
-            fast, plain, fast_f, plain_f = (self.model("fp32") for _ in range(4))
-            for m in (fast, plain, fast_f, plain_f):
-                m.train() if train else m.eval()
-            logits, _ = flax_side.forward(fast, jx)
-            pairs += [(f"{mode}:features[{i}]", a, b) for i, (a, b) in enumerate(
-                zip(flax_side.features(fast_f, jx), plain_f.features(jx), strict=True))]
-            pairs.append((f"{mode}:logits", logits, plain(jx)))
-            mine = named_arrays(fast)
-            pairs += [(f"{mode}:{k}", mine.get(k), v) for k, v in named_arrays(plain).items()]
-        return worst("blockwise", "fp32", pairs, TOL["blockwise"])
+        with jax.enable_x64(True):
+            for train in (False, True):
+                mode = "train" if train else "eval"
+                fast, plain, fast_f, plain_f = (self.model("fp64") for _ in range(4))
+                for m in (fast, plain, fast_f, plain_f):
+                    m.train() if train else m.eval()
+                logits, _ = flax_side.forward(fast, jx)
+                pairs += [(f"{mode}:features[{i}]", a, b) for i, (a, b) in enumerate(
+                    zip(flax_side.features(fast_f, jx), plain_f.features(jx), strict=True))]
+                pairs.append((f"{mode}:logits", logits, plain(jx)))
+                mine = named_arrays(fast)
+                pairs += [(f"{mode}:{k}", mine.get(k), v) for k, v in named_arrays(plain).items()]
+        return worst("blockwise", "fp64", pairs, TOL["blockwise"])

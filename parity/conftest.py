@@ -10,8 +10,15 @@ to one worker (``xdist_group``). Marked ``full`` (``pytest --full``): float64 ou
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import sys
+from collections.abc import Iterator
+
+import jax
 import pytest
 import torch
+from _pytest.nodes import Node
 
 import flaxres
 from parity.cases import CASES, PRECISIONS, REPRESENTATIVE
@@ -23,6 +30,13 @@ torch.set_num_threads(max(1, torch.get_num_threads()))
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "representative: a check over every case whose code "
                             "does not depend on the net: outside REPRESENTATIVE it runs with --full")
+    # pytest-xdist's loadgroup (3.8) writes each test's group into Node._nodeid; pytest 9.2 keeps
+    # the id elsewhere, so the groups were silently ignored and both workers built the same deep
+    # nets at once (the full matrix then overran the machine's memory).
+    if config.getoption("dist", "no") == "loadgroup" and not hasattr(Node, "_nodeid"):
+        raise pytest.UsageError(f"pytest {pytest.__version__} and this pytest-xdist do not keep "
+                                "the parity cases' xdist_group together; install the pytest "
+                                "versions pyproject.toml allows")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -42,9 +56,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
-def case(request) -> Case:
-    """Every case with the CPU convolutions and BatchNorm of ``pytest --cpu-conv``."""
-    return Case(request.param, cpu_ops=flaxres.CpuOps(conv=request.config.getoption("--cpu-conv")))
+def case(request) -> Iterator[Case]:
+    """Every case with the CPU convolutions and BatchNorm of ``pytest --cpu-conv``; its memory
+    is given back before the next case (:func:`release_memory`)."""
+    c = Case(request.param, cpu_ops=flaxres.CpuOps(conv=request.config.getoption("--cpu-conv")))
+    yield c
+    c.release()
+    release_memory()
+
+
+def release_memory() -> None:
+    """Drops JAX's compiled executables and returns freed heap to the system. Kept, they
+    accumulate over the cases a worker runs: in the full matrix a worker held 11.8 GB when it
+    reached resnet1202 (whose own checks peak at 7 GB alone), and two such workers overran the
+    machine's 23 GB. Executables of equal blocks are shared within a net, not needed across nets,
+    and the compilation cache on disk makes a rebuilt one cheap."""
+    jax.clear_caches()
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).malloc_trim(0)  # glibc keeps freed arenas' pages otherwise
 
 
 def assert_measures(*measures) -> None:

@@ -1,9 +1,11 @@
-"""20 SGD steps (warm-up, two lr drops) in both frameworks, through the model's own code.
+"""SGD trajectories in both frameworks, through the model's own code.
 
 Default tier: one tiny net per block kind (``parity.cases.TRAJ_TINY``: Basic with shortcuts
-A/B/C, plain without BatchNorm, Bottleneck, grouped, ImageNet stem), in float64 (the whole
-trajectory: the proof) and fp32 (PyTorch's step from flaxres fp32's own weights at probed steps,
-``Case.check_trajectory_steps``). ``--full``: every registered architecture as well.
+A/B/C, plain without BatchNorm, Bottleneck, grouped, ImageNet stem), 20 steps with a warm-up and
+two lr drops, in float64 (the whole trajectory: the proof) and fp32 (PyTorch's step from flaxres
+fp32's own weights at probed steps, ``Case.check_trajectory_steps``). ``--full``: every
+registered architecture as well, over the 5 steps of ``parity.cases.TRAJ_SHORT`` (a gentler lr
+for the ImageNet-stem bottleneck nets, ``TRAJ_GENTLE``).
 """
 
 import numpy as np

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from parity.cases import BY_ID, TRAJ_STEPS
+from parity.cases import BY_ID
 from parity.checks import Case
 from parity.measure import rel_err
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"step {step:2d}: flaxres fp32 {rel_err(a, ref):.2e}  PyTorch fp32 "
               f"{rel_err(b, ref):.2e}")
     print("every step, from flaxres fp32's own weights:")
-    for m in case.check_trajectory_steps(steps=range(TRAJ_STEPS)):
+    for m in case.check_trajectory_steps(steps=range(case.plan.steps)):
         print(f"  {m}")
 
 
