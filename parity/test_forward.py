@@ -5,7 +5,7 @@ import pytest
 
 from parity.cases import BLOCKWISE_DEFAULT, BLOCKWISE_FULL, BY_ID
 from parity.checks import Case
-from parity.conftest import assert_measures, release_memory
+from parity.conftest import assert_measures
 
 
 @pytest.mark.representative
@@ -30,10 +30,5 @@ def test_stage_features(case: Case, precision: str):
 @pytest.mark.parametrize("cid", [*BLOCKWISE_DEFAULT,
                                  *(pytest.param(c, marks=pytest.mark.full) for c in BLOCKWISE_FULL)])
 def test_blockwise_equals_plain_model(cid: str):
-    """Diagnostic: the jitted-blocks path of the other checks is the plain model's function.
-    The plain model runs op by op, and JAX keeps an executable per op: up to 15 GB after
-    resnet164's float64 run, released before the next test."""
-    try:
-        assert_measures(Case(BY_ID[cid]).check_blockwise())
-    finally:
-        release_memory()
+    """Diagnostic: the jitted-blocks path of the other checks is the plain model's function."""
+    assert_measures(Case(BY_ID[cid]).check_blockwise())
