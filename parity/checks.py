@@ -377,8 +377,8 @@ class Case:
                                momentum: float | None = None, weight_decay: float | None = None,
                                precision: str = "fp32") -> list[Measure]:
         """flaxres's own trajectory at ``precision``, probed at ``steps`` (default: the plan's
-        ``probed_steps``): from the weights,
-        BatchNorm statistics and momentum buffers flaxres reached, PyTorch float64 takes the same
+        ``probed_steps``): from the weights, BatchNorm statistics and momentum buffers flaxres
+        reached, PyTorch float64 takes the same
         SGD step on the same batch (the lr from PyTorch's schedulers); the loss, and every weight
         and running statistic after the step, are measured against it, in fp32 with PyTorch fp32
         taking that step (both layouts) as the floor. Comparing whole fp32 trajectories would measure
@@ -404,17 +404,20 @@ class Case:
                                            torch_precision, lrs[step], momentum, weight_decay,
                                            layout, relus)
 
+            # PyTorch fp32 taking this step in each layout, run once for the loss and the state.
+            plain32 = functools.cache(lambda: [run("fp32", lay) for lay in TORCH_LAYOUTS])
+
             def measure(state64: dict, relus=None, note: str = "") -> Measure:
-                t32 = functools.cache(lambda: [run("fp32", lay, relus)[1]
-                                               for lay in TORCH_LAYOUTS])
+                t32 = plain32 if relus is None else functools.cache(
+                    lambda: [run("fp32", lay, relus) for lay in TORCH_LAYOUTS])
                 return worst("step_state", precision, [
                     (f"step {step}: {k}", after.get(k), v)
-                    + ((lambda k=k: tuple(t[k] for t in t32()),) if fp32 else ())
+                    + ((lambda k=k: tuple(t[1][k] for t in t32()),) if fp32 else ())
                     for k, v in state64.items()], TOL["step_state"], note=note)
 
             loss64, state64 = run("fp64")
             losses64[step] = (loss64,) + (
-                (lambda: tuple(run("fp32", lay)[0] for lay in TORCH_LAYOUTS),) if fp32 else ())
+                (lambda: tuple(t[0] for t in plain32()),) if fp32 else ())
             m = measure(state64)
             if not m.ok and fp32:  # as check_grads: the gradient jumps where rounding crosses a
                 relus = flax_side.train_relus(start, self._x(step)[1])  # ReLU kink
