@@ -76,11 +76,15 @@ def _save_atomically(obj: dict, path: Path) -> None:
     tmp.replace(path)  # a kill mid-write leaves the previous epoch's state whole
 
 
-def train_torch(cfg: Config, threads: int | None = None, state_path: Path | None = None) -> dict:
+def train_torch(cfg: Config, threads: int | None = None, state_path: Path | None = None,
+                compile_model: bool = False) -> dict:
     """The PyTorch reference loop for ``cfg`` (CPU), as the popular CIFAR scripts train, with a
     test evaluation after every epoch as ``train.cifar`` does. With ``state_path`` the run
     saves model, optimizer and RNG state there after every epoch and continues from it, so a
-    90-epoch reference survives interruptions; a resumed run equals an uninterrupted one."""
+    90-epoch reference survives interruptions; a resumed run equals an uninterrupted one.
+    ``compile_model`` runs the training steps through ``torch.compile`` (the same function,
+    about a fifth faster on the 2-core CPU); evaluation stays eager, so the eval-mode switch
+    never recompiles."""
     if threads:
         torch.set_num_threads(threads)
     saved = _torch_state(state_path, cfg) if state_path else None  # before the data: fail fast
@@ -105,6 +109,7 @@ def train_torch(cfg: Config, threads: int | None = None, state_path: Path | None
     model = create_torch_model(cfg.arch, num_classes=cfg.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    forward = torch.compile(model) if compile_model else model
     spe = len(ytr) // cfg.batch_size
     total = cfg.total_steps(spe)
     schedule = cfg.lr_schedule(spe)
@@ -124,7 +129,7 @@ def train_torch(cfg: Config, threads: int | None = None, state_path: Path | None
             x = prep(torch_augment(xtr[idx], gen) if cfg.augment else xtr[idx])
             for g in opt.param_groups:
                 g["lr"] = float(schedule(step))
-            out = model(x)
+            out = forward(x)
             loss = torch.nn.functional.cross_entropy(out, ytr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -187,6 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
                    choices=("flax", "torch"), help="which sides to run (default: both)")
     p.add_argument("--threads", type=int, default=None,
                    help="PyTorch intra-op threads (default: PyTorch's choice)")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="train the PyTorch side through torch.compile (faster; needs a C++ "
+                        "compiler on the CPU)")
     p.add_argument("--json", default="accuracy.json", help="results file "
                    "(default: accuracy.json)")
     p.add_argument("--workdir", default=None,
@@ -218,8 +226,8 @@ def compare(args: argparse.Namespace) -> dict:
             if fw == "flax":
                 res = train_flax(cfg, work and work / f"flax-seed{seed}")
             else:
-                res = train_torch(cfg, args.threads,
-                                  work and work / f"torch-seed{seed}.pt")
+                res = train_torch(cfg, args.threads, work and work / f"torch-seed{seed}.pt",
+                                  compile_model=args.torch_compile)
             runs.append({"seed": seed, "final_acc": res["final_acc"],
                          "train_time": res["train_time"],
                          "img_per_s": [h["img_per_s"] for h in res["history"]],
