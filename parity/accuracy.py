@@ -245,6 +245,8 @@ def compare(args: argparse.Namespace) -> dict:
         ips = np.mean(np.concatenate([r["img_per_s"][1:] or r["img_per_s"]
                                       for r in results["runs"][fw]]))
         print(f"  {fw:<6} test acc {s['mean']:.2%} +- {s['std']:.2%}   ({ips:.0f} img/s)")
+    if len(args.frameworks) > 1:  # measured: PyTorch after JAX in one process ran 15% slower
+        print("  (img/s of runs sharing one process: python -m parity.speed compares speed)")
     print(f"results: {args.json}")
     return results
 
