@@ -31,7 +31,7 @@ class Measure:
     floor: float = 0.0
     extra_ok: bool = True
     note: str = ""
-    chaotic: bool = False  # fp32 misses, but PyTorch fp32 itself is beyond CHAOS_LIMIT: moot
+    chaotic: bool = False  # PyTorch fp32 itself is beyond CHAOS_LIMIT: the measure is moot
 
     @property
     def allowed(self) -> float:
@@ -58,9 +58,9 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 def worst(check: str, precision: str, pairs: Iterable[tuple], tol: float, **kw) -> Measure:
     """Measure over named ``(name, flaxres, reference[, pytorch_fp32])`` tuples, the last a
-    callable giving one PyTorch fp32 result or a tuple of them, run only where flaxres misses
-    the tolerance: the tensor worst relative to what it is allowed. Shapes must agree exactly;
-    ``None`` on the flaxres side (a tensor flaxres did not produce) fails."""
+    callable giving one PyTorch fp32 result, a tuple of them or a :class:`Floor`, run only where
+    flaxres misses the tolerance: the tensor worst relative to what it is allowed. Shapes must
+    agree exactly; ``None`` on the flaxres side (a tensor flaxres did not produce) fails."""
     m = Measure(check, precision, 0.0, tol, "-", **kw)
     ratio = -1.0
     for name, a, b, *t32 in pairs:
@@ -76,8 +76,16 @@ def worst(check: str, precision: str, pairs: Iterable[tuple], tol: float, **kw) 
     return m
 
 
-def fp32_floor(t32: np.ndarray | tuple[np.ndarray, ...], b: np.ndarray) -> float:
-    """PyTorch fp32's error: one result, or the largest over several equally valid runs."""
+class Floor(float):
+    """A rounding floor given as a relative error, where no PyTorch fp32 result of the same kind
+    measures it fairly (see ``Case.loss_floor``)."""
+
+
+def fp32_floor(t32: Floor | np.ndarray | tuple[np.ndarray, ...], b: np.ndarray) -> float:
+    """PyTorch fp32's error: one result, or the largest over several equally valid runs; a
+    :class:`Floor` as it is."""
+    if isinstance(t32, Floor):
+        return float(t32)
     return max(rel_err(t, b) for t in (t32 if isinstance(t32, tuple) else (t32,)))
 
 
