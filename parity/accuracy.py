@@ -210,8 +210,21 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
 
 
+def check_torch_compile() -> None:
+    """Compiles a one-line function, so that a machine where ``torch.compile`` cannot work (no
+    C++ compiler for inductor) fails before any run (3 s), not at PyTorch's first step after
+    hours of flaxres runs."""
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(1))
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        raise ValueError(f"--torch-compile: torch.compile does not work here "
+                         f"({str(e).splitlines()[0]}); run without it") from None
+
+
 def compare(args: argparse.Namespace) -> dict:
     """Every (framework, seed) run of ``args``; the results file is rewritten after each."""
+    if args.torch_compile and "torch" in args.frameworks:
+        check_torch_compile()
     work = Path(args.workdir) if args.workdir else None
     if work:
         work.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,9 @@ runs survive interruptions."""
 
 import dataclasses
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -90,6 +93,19 @@ def test_damaged_torch_state_is_one_line_and_exit_2(tiny_cfg, tmp_path, capsys):
     assert e.value.code == 2 and len(err.splitlines()) == 1
     assert "torch-seed0.pt: not a readable PyTorch run state" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_torch_compile_without_a_compiler_is_one_line_and_exit_2(tiny_cfg, tmp_path):
+    """A machine without a C++ compiler (here: CXX names none) stops before any run."""
+    r = subprocess.run([sys.executable, "-m", "parity.accuracy", "--data-dir", tiny_cfg.data_dir,
+                        "--epochs", "1", "--seeds", "0", "--torch-compile", "--workdir",
+                        str(tmp_path / "w"), "--json", str(tmp_path / "r.json")],
+                       check=False, env={**os.environ, "CXX": str(tmp_path / "no-such-c++")},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: --torch-compile: torch.compile does not work here")
+    assert "No working C++ compiler" in r.stderr
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "w").exists()
 
 
 @pytest.mark.full
