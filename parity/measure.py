@@ -31,7 +31,7 @@ class Measure:
     floor: float = 0.0
     extra_ok: bool = True
     note: str = ""
-    chaotic: bool = False  # PyTorch fp32 itself is beyond CHAOS_LIMIT: the measure is moot
+    chaotic: bool = False  # PyTorch fp32 itself too far off float64: moot (checks._flag_chaos)
 
     @property
     def allowed(self) -> float:
