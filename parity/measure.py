@@ -30,6 +30,7 @@ class Measure:
     where: str
     floor: float = 0.0
     extra_ok: bool = True
+    largest_floor: float = 0.0  # PyTorch fp32's largest error over the tensors measured
     note: str = ""
     chaotic: bool = False  # PyTorch fp32 itself too far off float64: moot (checks._flag_chaos)
 
@@ -44,7 +45,9 @@ class Measure:
     def __str__(self) -> str:
         s = (f"{self.check} [{self.precision}]: max rel err {self.error:.2e} (tol {self.tol:.0e}"
              + (f"; PyTorch fp32 {self.floor:.2e}" if self.floor > self.tol / FLOOR_FACTOR else "")
-             + f") worst at {self.where}")
+             + f") worst at {self.where}"
+             + (f"; PyTorch fp32 up to {self.largest_floor:.2e} elsewhere"
+                if self.largest_floor > max(self.floor, self.tol) else ""))
         return s + (f"; {self.note}" if self.note else "")
 
 
@@ -71,6 +74,7 @@ def worst(check: str, precision: str, pairs: Iterable[tuple], tol: float, **kw) 
         e = rel_err(a, b)
         floor = fp32_floor(t32[0](), b) if t32 and not e <= tol else 0.0  # PyTorch fp32 if needed
         r = e / max(tol, FLOOR_FACTOR * floor)
+        m.largest_floor = max(m.largest_floor, floor)
         if not r <= ratio:  # NaN counts as worst
             ratio, m.error, m.where, m.floor = r, e, name, floor
     return m
