@@ -37,7 +37,7 @@ DATA_MOVEMENT = {"copy", "transpose", "pad", "slice", "concatenate", "dynamic-sl
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m parity.speed.profile",
-                                description=__doc__.split("\n")[0],
+                                description=__doc__.split("\n\n")[0].replace("\n", " "),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="resnet20")
     p.add_argument("--batch-size", type=int, default=128)
