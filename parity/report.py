@@ -60,7 +60,8 @@ def run_case(case: Case, checks: list[str], trajectory: bool) -> list[Measure]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m parity.report", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p = argparse.ArgumentParser(prog="python -m parity.report",
+                                description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--arch", default=None, help="comma-separated case ids (default: all)")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"subset of {','.join(CHECKS)}")
     p.add_argument("--cpu-conv", choices=("xla", "onednn"), default=None,
