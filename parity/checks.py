@@ -81,7 +81,7 @@ def _flag_chaos(m: Measure) -> Measure:
     """Marks an fp32 measure ``chaotic``: a miss where PyTorch fp32 itself is beyond
     CHAOS_LIMIT of float64 (no fp32 run can then be held to another), or any measure where the
     bound of some tensor admits an all-zero result (PyTorch fp32 50% or more off: plain110's
-    gradients, 130-210%), which says nothing even where it passes."""
+    gradients, 130-360%), which says nothing even where it passes."""
     m.chaotic = ((not m.ok and m.floor > CHAOS_LIMIT)
                  or FLOOR_FACTOR * m.largest_floor >= 1.0)
     return m
