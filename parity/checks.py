@@ -224,6 +224,13 @@ class Case:
                   for lay in TORCH_LAYOUTS)
         return Floor(np.linalg.norm(dz) / len(y) * off / abs(ref["loss"]))
 
+    def _fp32_reference(self, name: str, relus: tuple | None,
+                        torch_fp32: Callable[[], tuple]) -> Callable:
+        """What the fp32 floor of tensor ``name`` is drawn from: for the loss, the first-order
+        bound of :meth:`loss_floor` (a scalar's own error is one random draw); for any other
+        tensor, PyTorch fp32's results, ``torch_fp32()``."""
+        return functools.partial(self.loss_floor, relus) if name == "loss" else torch_fp32
+
     def _pairs(self, mine: dict, train: bool, keys, p: str) -> tuple[list[tuple], str]:
         """(name, flaxres at p or None, PyTorch float64[, PyTorch fp32]) for every reference
         tensor, and a note naming tensors only one side has."""
@@ -231,9 +238,8 @@ class Case:
         out, notes = [], []
         for key in keys:
             jk, rk = _flat(key, mine[key]), _flat(key, r[key])
-            t32 = (lambda _: self.loss_floor()) if key == "loss" else functools.partial(
-                self._t32, train, key)
-            out += [(n, jk.get(n), v) + ((functools.partial(t32, n),) if p == "fp32" else ())
+            out += [(n, jk.get(n), v) + ((self._fp32_reference(
+                n, None, functools.partial(self._t32, train, key, n)),) if p == "fp32" else ())
                     for n, v in rk.items()]
             notes.append(one_sided(jk, rk))
         return out, "; ".join(n for n in notes if n)
@@ -288,8 +294,9 @@ class Case:
         mine = _loss_and_grads(self._flax("fp32", True))
         t32 = [_loss_and_grads(self._ref("fp32", True, relus, lay)) for lay in TORCH_LAYOUTS]
         return worst("grads", "fp32", [
-            (k, mine.get(k), v, (lambda: self.loss_floor(relus)) if k == "loss"
-             else lambda k=k: tuple(t[k] for t in t32)) for k, v in ref.items()],
+            (k, mine.get(k), v,
+             self._fp32_reference(k, relus, lambda k=k: tuple(t[k] for t in t32)))
+            for k, v in ref.items()],
                      TOL["grads"],
                      note="against PyTorch float64 on flaxres fp32's side of every ReLU kink")
 
