@@ -17,6 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(d for d in (ROOT / "weights").iterdir() if (d / "metrics.jsonl").exists())
 SHARED = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 by_name = pytest.mark.parametrize("folder", SHIPPED, ids=[d.name for d in SHIPPED])
+# He et al.'s counts (Table 6: 0.27M, 0.46M), so a folder cannot load as another depth.
+PARAMS = {"resnet20": 269_722, "resnet32": 464_154}
+
+
+def arch_of(folder: Path) -> str:
+    """The architecture a folder holds, from its name (``resnet32-cifar10-jpeg``)."""
+    return folder.name.split("-")[0]
 
 
 def logged_final(folder: Path) -> dict:
@@ -29,9 +36,9 @@ def test_the_shipped_runs_are_found():  # an empty parametrisation would pass si
 
 
 @by_name
-def test_shipped_resnet20_loads_and_predicts(folder: Path):
-    model = flaxres.create_model("resnet20", pretrained=folder)
-    assert flaxres.count_params(model) == 269_722
+def test_shipped_weights_load_and_predict(folder: Path):
+    model = flaxres.create_model(arch_of(folder), pretrained=folder)
+    assert flaxres.count_params(model) == PARAMS[arch_of(folder)]
     model.eval()
     x = np.random.default_rng(0).normal(size=(16, 32, 32, 3)).astype(np.float32)
     logits = model(jnp.asarray(x))
