@@ -1,7 +1,8 @@
 """Test tiers: the default ``pytest`` is the quick change-test loop; ``pytest --full`` adds the
 tests marked ``full`` (the whole parity matrix, long studies); CI runs those of ``tests/``.
 ``--cpu-conv xla|onednn`` picks the parity suite's CPU convolutions and BatchNorm (default: oneDNN
-where the C++ extension is built, as ``flaxres.CpuOps()``; docs/onednn.md).
+where the C++ extension is built, as ``flaxres.CpuOps()``; docs/onednn.md); ``--cases
+representative`` keeps its per-net checks to one net per block kind.
 
 Compiled XLA executables persist in pytest's cache folder (``.pytest_cache/d/xla``), shared by
 the xdist workers, the runs the tests start and the next ``pytest``: most of the suite's time on
@@ -34,6 +35,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="CPU convolutions and BatchNorm of the parity suite's flaxres models "
                           "(CpuOps.conv; default: onednn where the C++ extension is built, "
                           "else xla)")
+    parser.addoption("--cases", choices=("all", "representative"), default="all",
+                     help="the parity cases whose checks run: all (default) or only "
+                          "parity.cases.REPRESENTATIVE's (one net per block kind), for a second "
+                          "CPU path whose code does not depend on the net")
 
 
 def pytest_configure(config: pytest.Config) -> None:

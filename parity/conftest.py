@@ -4,7 +4,8 @@ A test taking ``case`` runs once per architecture of :data:`parity.cases.CASES`;
 ``precision`` too, once per (architecture, fp32/fp64). The ``case`` fixture is session-scoped,
 so pytest runs all checks of one architecture together and drops its models before building the
 next (the largest nets hold ~1 GB); under pytest-xdist (``-n``) all tests of one architecture go
-to one worker (``xdist_group``). Marked ``full`` (``pytest --full``): float64 outside
+to one worker (``xdist_group``); ``--cases representative`` leaves out the cases outside
+``REPRESENTATIVE``. Marked ``full`` (``pytest --full``): float64 outside
 ``REPRESENTATIVE``, and every test marked ``representative`` outside ``REPRESENTATIVE``.
 """
 
@@ -53,7 +54,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "case" not in metafunc.fixturenames:
         return
     params = []
-    for arch in CASES:
+    every = metafunc.config.getoption("--cases") == "all"
+    for arch in (a for a in CASES if every or a.id in REPRESENTATIVE):
         for p in PRECISIONS if "precision" in metafunc.fixturenames else (None,):
             full = arch.id not in REPRESENTATIVE and (
                 p == "fp64" or "representative" in metafunc.definition.keywords)
