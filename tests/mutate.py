@@ -6,7 +6,10 @@
 
 Each mutant is one realistic bug (a snippet of a source file replaced by a wrong one). It is
 applied to a scratch copy of the repository's tracked files, one at a time, and the default-tier
-tests that cover that file run there (``-x``: the first failure is enough). A mutant whose tests
+tests that cover that file run there (``-x``: the first failure is enough). Mutants run
+``--jobs`` at a time (default: one per core), each in its own scratch copy as one single-threaded
+pytest process without xdist: with xdist, a mutant's few tests spent much of their time starting
+workers. A mutant whose tests
 all pass *survived*: the suite would not have noticed that bug. A mutant whose snippet is no longer
 in the source is an error too, so the list cannot silently go stale when the code moves.
 """
@@ -16,12 +19,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import queue
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +49,10 @@ def _forward(*case_ids: str, tests: tuple[str, ...] = (
     return tuple(f"parity/test_forward.py::{t}[{c}-fp32]" for c in case_ids for t in tests)
 
 
-MODELS = (("tests/test_models.py",) + _forward("resnet20", "resnet50")
-          + _forward("resnet18", tests=("test_train_logits_and_bn_stats",)))
+# The quick whole-net checks first: without xdist, the first failure ends the run.
+MODELS = (_forward("resnet20", "resnet50")
+          + _forward("resnet18", tests=("test_train_logits_and_bn_stats",))
+          + ("tests/test_models.py",))
 TRAIN = ("tests/test_train.py",)
 PRETRAINED = ("tests/test_pretrained.py",)
 TRAINING_PATH = ("parity/test_training_path.py",)
@@ -161,23 +168,30 @@ def scratch_copy(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
+def mutated(m: Mutant, text: str) -> str:
+    """``text`` (of ``m.file``) with the mutant's bug in it."""
+    if text.count(m.old) != 1:
+        raise SystemExit(f"mutant {m.name}: its snippet occurs {text.count(m.old)} times in "
+                         f"{m.file} (expected once); update tests/mutate.py")
+    return text.replace(m.old, m.new)
+
+
 def apply(m: Mutant, tree: Path) -> str:
     """Writes the mutant into ``tree``; returns the original text to restore it."""
     path = tree / m.file
     text = path.read_text()
-    if text.count(m.old) != 1:
-        raise SystemExit(f"mutant {m.name}: its snippet occurs {text.count(m.old)} times in "
-                         f"{m.file} (expected once); update tests/mutate.py")
-    path.write_text(text.replace(m.old, m.new))
+    path.write_text(mutated(m, text))
     return text
 
 
 def run_tests(m: Mutant, tree: Path, timeout: int, xla_cache: Path) -> tuple[bool, str]:
-    """(caught, which test): pytest with -x in the scratch tree; the mutants share one XLA
-    compilation cache (a mutant's changed programs compile anew, the rest are reused)."""
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-           "--no-header", "-rf", *m.tests]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(xla_cache))
+    """(caught, which test): pytest with -x in the scratch tree, one thread (the other cores run
+    other mutants); the mutants share one XLA compilation cache (a mutant's changed programs
+    compile anew, the rest are reused)."""
+    cmd = [sys.executable, "-m", "pytest", "-n0", "-x", "-q", "-p", "no:cacheprovider",
+           f"--basetemp={tree.with_name(tree.name + '-tmp')}", "--no-header", "-rfE", *m.tests]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(xla_cache), OMP_NUM_THREADS="1",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false")
     try:
         out = subprocess.run(cmd, check=False, cwd=tree, env=env, capture_output=True,
                              text=True, timeout=timeout)
@@ -195,33 +209,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--timeout", type=int, default=900, help="seconds per mutant's test run")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="mutants tested at once, each on one core (default: one per core)")
     args = p.parse_args(argv)
     names = [m.name for m in MUTANTS]
     unknown = sorted(set(args.only or ()) - set(names))
     if unknown:
         p.error(f"unknown mutant(s) {', '.join(unknown)}; --list shows {len(names)}")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: at least one mutant must run at a time")
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
     if args.list:
         for m in chosen:
             print(f"{m.name:<42} {m.file:<20} {' '.join(m.tests)}")
         return 0
-    survived = []
+    for m in chosen:  # every snippet found before any mutant runs
+        mutated(m, (ROOT / m.file).read_text())
     with (tempfile.TemporaryDirectory(prefix="flaxres-mutate-") as tmp,
           tempfile.TemporaryDirectory(prefix="flaxres-mutate-xla-") as xla_cache):
-        tree = Path(tmp)
-        scratch_copy(tree)
-        for m in chosen:
+        trees: queue.Queue[Path] = queue.Queue()
+        for i in range(min(args.jobs, len(chosen))):
+            (tree := Path(tmp) / str(i)).mkdir()
+            scratch_copy(tree)
+            trees.put(tree)
+
+        def run(m: Mutant) -> bool:
+            tree = trees.get()
             t0 = time.perf_counter()
             original = apply(m, tree)
             try:
                 caught, where = run_tests(m, tree, args.timeout, Path(xla_cache))
             finally:
                 (tree / m.file).write_text(original)
+                trees.put(tree)
             verdict = "caught by" if caught else "SURVIVED:"
             print(f"{m.name:<42} {verdict} {where} ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
-            if not caught:
-                survived.append(m.name)
+            return caught
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            caught = list(pool.map(run, chosen))
+    survived = [m.name for m, c in zip(chosen, caught) if not c]
     print(f"{len(chosen) - len(survived)} of {len(chosen)} mutants caught"
           + (f"; survived: {', '.join(survived)}" if survived else ""))
     return 1 if survived else 0
