@@ -5,13 +5,12 @@
     python tests/mutate.py --only sgd_decay_after_momentum cosine_warmup_total
 
 Each mutant is one realistic bug (a snippet of a source file replaced by a wrong one). It is
-applied to a scratch copy of the repository's tracked files, one at a time, and the default-tier
-tests that cover that file run there (``-x``: the first failure is enough). Mutants run
-``--jobs`` at a time (default: one per core), each in its own scratch copy as one single-threaded
-pytest process without xdist: with xdist, a mutant's few tests spent much of their time starting
-workers. A mutant whose tests
-all pass *survived*: the suite would not have noticed that bug. A mutant whose snippet is no longer
-in the source is an error too, so the list cannot silently go stale when the code moves.
+applied to a scratch copy of the repository's tracked files, and the default-tier tests that cover
+that file run there (``-x``: the first failure is enough). Mutants run ``--jobs`` at a time
+(default: one per core), each in its own copy as one single-threaded pytest process without
+xdist: with xdist, a mutant's few tests spent much of their time starting workers. A mutant whose
+tests all pass *survived*: the suite would not have noticed that bug. A mutant whose snippet is no
+longer in the source is an error too, so the list cannot silently go stale when the code moves.
 """
 
 from __future__ import annotations
