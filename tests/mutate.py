@@ -222,12 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             print(f"{m.name:<42} {m.file:<20} {' '.join(m.tests)}")
         return 0
+    jobs = min(args.jobs, len(chosen))  # one scratch copy and one thread each
     for m in chosen:  # every snippet found before any mutant runs
         mutated(m, (ROOT / m.file).read_text())
     with (tempfile.TemporaryDirectory(prefix="flaxres-mutate-") as tmp,
           tempfile.TemporaryDirectory(prefix="flaxres-mutate-xla-") as xla_cache):
         trees: queue.Queue[Path] = queue.Queue()
-        for i in range(min(args.jobs, len(chosen))):
+        for i in range(jobs):
             (tree := Path(tmp) / str(i)).mkdir()
             scratch_copy(tree)
             trees.put(tree)
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             return caught
 
-        with ThreadPoolExecutor(args.jobs) as pool:
+        with ThreadPoolExecutor(jobs) as pool:
             caught = list(pool.map(run, chosen))
     survived = [m.name for m, c in zip(chosen, caught) if not c]
     print(f"{len(chosen) - len(survived)} of {len(chosen)} mutants caught"
