@@ -7,8 +7,15 @@ the accuracy-level parity check.
 Both sides get the same arrays, batch size, epochs, per-iteration lr schedule (the very optax
 schedule function, evaluated in Python for PyTorch), SGD hyper-parameters, normalisation and
 augmentation (4-px zero pad + random crop + flip, drawn with each framework's own RNG) and the
-reference PyTorch model of :func:`parity.reference.create_torch_model`. Each prints mean +- std
-final test accuracy; ``--json`` keeps every run's numbers.
+reference PyTorch model of :func:`parity.reference.create_torch_model`, under one matmul/conv
+precision policy (:mod:`parity.speed.precision`; it matters on GPUs only). PyTorch trains on CUDA
+where it sees a GPU, with augmentation on the CPU as the popular scripts' data loaders do. Each
+prints mean +- std final test accuracy; ``--json`` keeps every run's numbers and the machine.
+
+He et al.'s Table 6 recipe, per depth (64k iterations, /10 at 32k and 48k, weight decay 1e-4):
+
+    python -m parity.accuracy --arch resnet56 --data-dir DIR --steps 64000 --seeds 0 \
+        --workdir runs/t6-resnet56 --json t6-resnet56.json
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import torch
 
 from flaxres.cpu.malloc import retain_freed_memory
 from parity.reference import create_torch_model
+from parity.speed import precision
+from parity.speed.report import machine
 from train import cifar, loop
 from train.checkpoint import CheckpointError
 from train.config import Config
@@ -47,8 +56,8 @@ def torch_augment(x, gen):
 
 
 # Config fields a resumed PyTorch run must share with its state file.
-TORCH_RESUME_FIXED = ("arch", "data_dir", "epochs", "subset", "seed", "batch_size", "lr",
-                      "momentum", "nesterov", "weight_decay", "schedule", "augment")
+TORCH_RESUME_FIXED = ("arch", "data_dir", "epochs", "steps", "subset", "seed", "batch_size",
+                      "lr", "momentum", "nesterov", "weight_decay", "schedule", "augment")
 
 
 def _torch_state(path: Path, cfg: Config) -> dict | None:
@@ -57,7 +66,7 @@ def _torch_state(path: Path, cfg: Config) -> dict | None:
     if not path.exists():
         return None
     try:
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # by kind of damage
         raise ValueError(f"{path}: not a readable PyTorch run state ({e})") from None
     if not isinstance(state, dict) or "model" not in state:  # e.g. a bare state dict saved there
@@ -77,9 +86,10 @@ def _save_atomically(obj: dict, path: Path) -> None:
 
 
 def train_torch(cfg: Config, threads: int | None = None, state_path: Path | None = None,
-                compile_model: bool = False) -> dict:
-    """The PyTorch reference loop for ``cfg`` (CPU), as the popular CIFAR scripts train, with a
-    test evaluation after every epoch as ``train.cifar`` does. With ``state_path`` the run
+                compile_model: bool = False, device: str = "cpu") -> dict:
+    """The PyTorch reference loop for ``cfg`` on ``device`` ("cpu" or "cuda"), as the popular
+    CIFAR scripts train: batches drawn and augmented on the CPU, one test evaluation after every
+    epoch as ``train.cifar`` does. With ``state_path`` the run
     saves model, optimizer and RNG state there after every epoch and continues from it, so a
     90-epoch reference survives interruptions; a resumed run equals an uninterrupted one.
     ``compile_model`` runs the training steps through ``torch.compile`` (the same function,
@@ -87,26 +97,28 @@ def train_torch(cfg: Config, threads: int | None = None, state_path: Path | None
     never recompiles."""
     if threads:
         torch.set_num_threads(threads)
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN's fastest kernels
     saved = _torch_state(state_path, cfg) if state_path else None  # before the data: fail fast
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     arrays, _, _ = loop.load_data(cfg)
     xtr, ytr = torch.from_numpy(arrays.train_images), torch.from_numpy(arrays.train_labels).long()
     xte, yte = torch.from_numpy(arrays.test_images), torch.from_numpy(arrays.test_labels).long()
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)
 
-    def prep(x):  # uint8 NHWC -> normalised NCHW, as ToTensor + Normalize
-        return (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    def prep(x):  # uint8 NHWC -> normalised NCHW on the device, as ToTensor + Normalize
+        return (x.to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
 
     def test_accuracy() -> float:
         model.eval()
         with torch.no_grad():
-            correct = sum((model(prep(xte[i:i + 1000])).argmax(1) == yte[i:i + 1000]).sum().item()
-                          for i in range(0, len(yte), 1000))
+            correct = sum((model(prep(xte[i:i + 1000])).argmax(1).cpu() == yte[i:i + 1000])
+                          .sum().item() for i in range(0, len(yte), 1000))
         return correct / len(yte)
 
-    model = create_torch_model(cfg.arch, num_classes=cfg.num_classes)
+    model = create_torch_model(cfg.arch, num_classes=cfg.num_classes).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     forward = torch.compile(model) if compile_model else model
@@ -123,21 +135,26 @@ def train_torch(cfg: Config, threads: int | None = None, state_path: Path | None
     while step < total:
         model.train()
         perm = torch.randperm(len(ytr), generator=gen)
-        t_ep, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+        t_ep, seen = time.perf_counter(), 0
+        # Summed on the device, read once an epoch: a read per step would stall a GPU.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
         for i in range(min(spe, total - step)):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             x = prep(torch_augment(xtr[idx], gen) if cfg.augment else xtr[idx])
+            y = ytr[idx].to(device)
             for g in opt.param_groups:
                 g["lr"] = float(schedule(step))
             out = forward(x)
-            loss = torch.nn.functional.cross_entropy(out, ytr[idx])
+            loss = torch.nn.functional.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            loss_sum += loss.item() * len(idx)
-            correct += (out.argmax(1) == ytr[idx]).sum().item()
+            loss_sum += loss.detach().double() * len(idx)
+            correct += (out.argmax(1) == y).sum()
             seen += len(idx)
+        loss_sum, correct = loss_sum.item(), correct.item()  # waits for the device's last step
         train_elapsed = time.perf_counter() - t_ep
         train_time += train_elapsed
         test_acc = test_accuracy()
@@ -178,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arch", default="resnet20", help="architecture (default: resnet20)")
     p.add_argument("--data-dir", required=True, help="CIFAR source, as for train.cifar")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run (default: 3)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="iterations per run, overriding --epochs (the paper's: 64000)")
     p.add_argument("--subset", type=int, default=None,
                    help="train on the first N images only (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -186,8 +205,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=0.1, help="(default: 0.1)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 1e-4)")
     p.add_argument("--schedule", default="paper", choices=("paper", "multistep", "cosine"),
-                   help="lr schedule compressed to --epochs (default: paper, /10 at 50%% and "
-                        "75%%)")
+                   help="lr schedule compressed to the run's length (default: paper, /10 at "
+                        "50%% and 75%%)")
+    p.add_argument("--matmul-precision", default="tf32", choices=tuple(precision.POLICIES),
+                   help="fp32 matmul/convolution precision on GPUs, set alike in both "
+                        "frameworks (default: tf32)")
+    p.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where PyTorch trains (default: auto, CUDA if PyTorch sees a GPU)")
     p.add_argument("--frameworks", nargs="+", default=["flax", "torch"],
                    choices=("flax", "torch"), help="which sides to run (default: both)")
     p.add_argument("--threads", type=int, default=None,
@@ -223,24 +247,33 @@ def check_torch_compile() -> None:
 
 def compare(args: argparse.Namespace) -> dict:
     """Every (framework, seed) run of ``args``; the results file is rewritten after each."""
+    device = args.torch_device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--torch-device cuda: PyTorch sees no CUDA device here")
     if args.torch_compile and "torch" in args.frameworks:
         check_torch_compile()
     work = Path(args.workdir) if args.workdir else None
     if work:
         work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"config": vars(args), "runs": {}}
+    results: dict = {"config": vars(args), "machine": machine(), "torch_device": device,
+                     "runs": {}}
     for fw in args.frameworks:
         runs = []
         for seed in args.seeds:
             cfg = Config(arch=args.arch, data_dir=args.data_dir, epochs=args.epochs,
-                         subset=args.subset, seed=seed, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, schedule=args.schedule, plot=False)
+                         steps=args.steps, subset=args.subset, seed=seed,
+                         batch_size=args.batch_size, lr=args.lr,
+                         weight_decay=args.weight_decay, schedule=args.schedule,
+                         matmul_precision=args.matmul_precision, plot=False)
             print(f"{fw} seed {seed}", flush=True)
-            if fw == "flax":
-                res = train_flax(cfg, work and work / f"flax-seed{seed}")
-            else:
-                res = train_torch(cfg, args.threads, work and work / f"torch-seed{seed}.pt",
-                                  compile_model=args.torch_compile)
+            with precision.policy(args.matmul_precision) as results["precision_policy"]:
+                if fw == "flax":
+                    res = train_flax(cfg, work and work / f"flax-seed{seed}")
+                else:
+                    res = train_torch(cfg, args.threads, work and work / f"torch-seed{seed}.pt",
+                                      compile_model=args.torch_compile, device=device)
             runs.append({"seed": seed, "final_acc": res["final_acc"],
                          "train_time": res["train_time"],
                          "img_per_s": [h["img_per_s"] for h in res["history"]],
@@ -250,8 +283,8 @@ def compare(args: argparse.Namespace) -> dict:
             results["runs"][fw] = runs
             results[fw] = summarize([r["final_acc"] for r in runs])
             Path(args.json).write_text(json.dumps(results, indent=1))  # partial results survive
-    print(f"\n{args.arch}, {args.epochs} epochs, {args.subset or 'all'} training images, "
-          f"seeds {args.seeds}:")
+    length = f"{args.steps} iterations" if args.steps else f"{args.epochs} epochs"
+    print(f"\n{args.arch}, {length}, {args.subset or 'all'} training images, seeds {args.seeds}:")
     for fw in args.frameworks:
         s = results[fw]
         # img/s after the first epoch (which includes XLA compilation for flax)

@@ -3,6 +3,7 @@ runs survive interruptions."""
 
 import dataclasses
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -93,6 +94,30 @@ def test_damaged_torch_state_is_one_line_and_exit_2(tiny_cfg, tmp_path, capsys):
     assert e.value.code == 2 and len(err.splitlines()) == 1
     assert "torch-seed0.pt: not a readable PyTorch run state" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_steps_run_that_many_iterations_and_the_results_name_the_machine(tiny_cfg, tmp_path):
+    """--steps 6 of 4 an epoch: a whole epoch and a partial one; the results file records where
+    and under which precision policy they ran."""
+    out = tmp_path / "r.json"
+    accuracy.main(["--data-dir", tiny_cfg.data_dir, "--arch", "resnet8", "--frameworks", "torch",
+                   "--seeds", "0", "--steps", "6", "--batch-size", "64", "--threads", "1",
+                   "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert len(r["runs"]["torch"][0]["test_acc"]) == 2
+    assert r["torch_device"] == "cpu" and r["machine"]["cores"] == os.cpu_count()
+    assert r["precision_policy"]["policy"] == "tf32" and r["config"]["steps"] == 6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_torch_device_cuda_without_a_gpu_is_one_line_and_exit_2(tiny_cfg, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        accuracy.main(["--data-dir", tiny_cfg.data_dir, "--torch-device", "cuda", "--seeds", "0",
+                       "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == ("error: --torch-device cuda: PyTorch sees no CUDA "
+                                         "device here")
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "w").exists()
 
 
 def test_torch_compile_without_a_compiler_is_one_line_and_exit_2(tiny_cfg, tmp_path):
