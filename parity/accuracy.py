@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from flaxres.cpu.malloc import retain_freed_memory
+from parity.accuracy_table import run_length
 from parity.reference import create_torch_model
 from parity.speed import precision
 from parity.speed.report import machine
@@ -283,8 +284,8 @@ def compare(args: argparse.Namespace) -> dict:
             results["runs"][fw] = runs
             results[fw] = summarize([r["final_acc"] for r in runs])
             Path(args.json).write_text(json.dumps(results, indent=1))  # partial results survive
-    length = f"{args.steps} iterations" if args.steps else f"{args.epochs} epochs"
-    print(f"\n{args.arch}, {length}, {args.subset or 'all'} training images, seeds {args.seeds}:")
+    print(f"\n{args.arch}, {run_length(vars(args))}, {args.subset or 'all'} training images, "
+          f"seeds {args.seeds}:")
     for fw in args.frameworks:
         s = results[fw]
         # img/s after the first epoch (which includes XLA compilation for flax)

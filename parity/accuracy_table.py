@@ -19,12 +19,16 @@ HEADER = ("| model | recipe | flaxres | PyTorch reference | training time per ru
 FRAMEWORKS = ("flax", "torch")
 
 
+def run_length(config: dict) -> str:
+    """A run's length as its flags gave it: ``--steps`` iterations, else ``--epochs``."""
+    return f"{config['steps']} iterations" if config.get("steps") else f"{config['epochs']} epochs"
+
+
 def recipe(config: dict) -> str:
     """What the two frameworks share in a results file, as the table states it."""
-    length = f"{config['steps']} iterations" if config.get("steps") else f"{config['epochs']} epochs"
     subset = f", first {config['subset']} images" if config.get("subset") else ""
-    return (f"{length}, {config['schedule']}, lr {config['lr']}, wd {config['weight_decay']}, "
-            f"batch {config['batch_size']}{subset}")
+    return (f"{run_length(config)}, {config['schedule']}, lr {config['lr']}, "
+            f"wd {config['weight_decay']}, batch {config['batch_size']}{subset}")
 
 
 def machine(results: dict) -> str:
@@ -61,8 +65,9 @@ def table(files: list[dict]) -> str:
         group = groups.setdefault(key, {"machines": [], **{fw: [] for fw in FRAMEWORKS}})
         for fw in FRAMEWORKS:
             group[fw] += results["runs"].get(fw, [])
-        if machine(results) not in group["machines"]:
-            group["machines"].append(machine(results))
+        where = machine(results)
+        if where not in group["machines"]:
+            group["machines"].append(where)
     rows = [f"| {arch} | {rec} | {_accuracy(g['flax'])} | {_accuracy(g['torch'])} | "
             f"{_hours(g['flax'])} / {_hours(g['torch'])} | {'; '.join(g['machines'])} |"
             for (arch, rec), g in groups.items()]
