@@ -2,6 +2,7 @@
 the FLOP counter gives ResNet-20's 40.55M multiply-adds, and the precision policy is set alike
 in both frameworks and recorded."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,40 @@ def test_per_convolution_timings_cover_every_shape_and_variant():
     if onednn.available():
         got = convs.time_flaxres(batch=2, reps=1)
         assert len(got) == 3 * len(want) and min(got.values()) > 0
+
+
+def test_kernel_log_lines_of_both_onednn_versions_are_read():
+    """parity.speed.kernels reads oneDNN 3.2's verbose lines (flaxres) and 3.12's (PyTorch),
+    sums them per convolution shape and per batch, and ignores everything else."""
+    from parity.speed import kernels
+
+    shape = "mb128_ic16oc32_ih32oh16kh3sh2dh0ph1_iw32ow16kw3sw2dw0pw1"
+    old = ("onednn_verbose,exec,cpu,convolution,brgconv:avx2,forward_training,src_f32::blocked:"
+           f"acdb::f0 attr-post-ops:binary_sub:f32:2+eltwise_relu ,alg:convolution_direct,{shape},"
+           "5.5")
+    new = ("onednn_verbose,v1,primitive,exec,cpu,convolution,brg_conv_fwd:avx2,forward_training,"
+           f"src:f32::blocked:acdb::f0,attr-scratchpad:user,alg:convolution_direct,{shape},4.5")
+    reorder = ("onednn_verbose,exec,cpu,reorder,jit:uni,undef,src_f32::blocked:cdba::f0 "
+               "dst_f32::blocked:Acdb8a::f0,attr-scratchpad:user ,,16x3x3x3,0.25")
+    conv = "conv 32x32 16->32 k3 s2"
+    assert kernels.parse_line(old) == (conv, "brgconv:avx2", 5.5)
+    assert kernels.parse_line(new) == (conv, "brg_conv_fwd:avx2", 4.5)
+    assert kernels.parse_line(reorder) == ("reorder", "jit:uni", 0.25)
+    assert kernels.parse_line("onednn_verbose,info,cpu,runtime:OpenMP") is None
+    assert kernels.parse_line("epoch 1") is None
+    log = [old, kernels.MARK, old, new, reorder, '{"wall_ms": 12.0}']  # warm-up line first
+    assert kernels.summarize("\n".join(log), reps=2) == {
+        conv: 5.0, "convolutions": 5.0, "other oneDNN primitives": 0.125,
+        "wall (with the logging)": 12.0}
+
+
+def test_kernels_name_the_failing_worker_in_one_line(capsys):
+    from parity.speed import kernels
+
+    with pytest.raises(SystemExit) as e:
+        kernels.main(["--arch", "resnet21", "--rounds", "1", "--reps", "1", "--batch", "2"])
+    assert re.fullmatch(r"error: the flaxres worker failed: .*unknown model 'resnet21'.*",
+                        str(e.value))
+    with pytest.raises(SystemExit):
+        kernels.main(["--reps", "0"])
+    assert "--reps" in capsys.readouterr().err
