@@ -28,20 +28,20 @@ MARK = "flaxres-kernels: timed batches follow"
 _SHAPE = re.compile(r"mb\d+_ic(\d+)oc(\d+)_ih(\d+)oh\d+kh(\d+)sh(\d+)")
 
 
-def parse_line(line: str) -> tuple[str, str, float] | None:
-    """(what, implementation, ms) of one oneDNN verbose execution line, None for other lines.
+def parse_line(line: str) -> tuple[str, float] | None:
+    """(what, ms) of one oneDNN verbose execution line, None for other lines.
     ``what`` is "conv 32x32 16->16 k3 s1" for a convolution, else the primitive kind. Both
     oneDNN 3.2's and 3.12's formats (the latter inserts "v1,primitive" before "exec")."""
     fields = line.strip().split(",")
     if fields[0] != "onednn_verbose" or "exec" not in fields:
         return None
     i = fields.index("exec")
-    kind, impl = fields[i + 2], fields[i + 3]
+    kind = fields[i + 2]
     shape = _SHAPE.match(fields[-2])
     if kind == "convolution" and shape:
         ic, oc, hw, k, s = shape.groups()
         kind = f"conv {hw}x{hw} {ic}->{oc} k{k} s{s}"
-    return kind, impl, float(fields[-1])
+    return kind, float(fields[-1])
 
 
 def run_worker(framework: str, arch: str, batch: int, reps: int) -> None:
@@ -96,7 +96,7 @@ def summarize(stdout: str, reps: int) -> dict[str, float]:
     for line in timed:
         parsed = parse_line(line)
         if parsed:
-            what, _, t = parsed
+            what, t = parsed
             key = what if what.startswith("conv ") else "other oneDNN primitives"
             ms[key] += t / reps
             if what.startswith("conv "):
