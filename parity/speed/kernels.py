@@ -97,10 +97,11 @@ def summarize(stdout: str, reps: int) -> dict[str, float]:
         parsed = parse_line(line)
         if parsed:
             what, t = parsed
-            key = what if what.startswith("conv ") else "other oneDNN primitives"
-            ms[key] += t / reps
             if what.startswith("conv "):
+                ms[what] += t / reps
                 ms["convolutions"] += t / reps
+            else:
+                ms["other oneDNN primitives"] += t / reps
     ms["wall (with the logging)"] = json.loads(timed[-1])["wall_ms"]
     return dict(ms)
 
