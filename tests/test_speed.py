@@ -212,3 +212,11 @@ def test_kernels_name_the_failing_worker_in_one_line(capsys):
     with pytest.raises(SystemExit):
         kernels.main(["--reps", "0"])
     assert "--reps" in capsys.readouterr().err
+
+
+def test_convs_refuses_counts_below_one(capsys):
+    from parity.speed import convs
+
+    with pytest.raises(SystemExit):
+        convs.main(["--rounds", "0"])
+    assert "--rounds" in capsys.readouterr().err

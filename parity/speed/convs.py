@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 
-from parity.speed.timing import interleave
+from parity.speed.timing import alternate_workers, interleave
 
 SHAPES = ((32, 16), (16, 32), (8, 64))  # (H = W, C = O) of ResNet-20's three stages
 
@@ -79,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=30, help="timed calls per line (default: 30)")
     p.add_argument("--worker", choices=("flaxres", "torch"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if min(args.rounds, args.reps, args.batch, args.threads) < 1:
+        p.error("--rounds, --reps, --batch and --threads must be at least 1")
     if args.worker:  # one framework in this fresh process
         from parity.speed.threads import set_threads
 
@@ -87,16 +87,12 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(fn(args.batch, args.reps)))
         return
     rows: dict[tuple[str, str], list[float]] = {}
-    for _ in range(args.rounds):
-        for fw in ("flaxres", "torch"):
-            done = subprocess.run([sys.executable, "-m", "parity.speed.convs", "--worker", fw,
-                                   "--threads", str(args.threads), "--batch", str(args.batch),
-                                   "--reps", str(args.reps)],
-                                  capture_output=True, text=True, check=False)
-            if done.returncode:
-                raise SystemExit(done.stderr.strip().splitlines()[-1])
-            for key, ms in json.loads(done.stdout.splitlines()[-1]).items():
-                rows.setdefault((fw, key), []).append(ms)
+    workers = alternate_workers(
+        "parity.speed.convs", ("flaxres", "torch"), args.rounds,
+        ["--threads", str(args.threads), "--batch", str(args.batch), "--reps", str(args.reps)])
+    for fw, stdout in workers:
+        for key, ms in json.loads(stdout.splitlines()[-1]).items():
+            rows.setdefault((fw, key), []).append(ms)
     print(f"batch {args.batch}, {args.threads} threads, ms per call (median of {args.reps}) "
           "in each round:")
     for (fw, key), ms in sorted(rows.items(), key=lambda r: (r[0][1].split()[0], r[0][0])):

@@ -18,10 +18,10 @@ import argparse
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from collections import defaultdict
+
+from parity.speed.timing import alternate_workers
 
 FRAMEWORKS = ("flaxres", "torch-compile")
 MARK = "flaxres-kernels: timed batches follow"
@@ -125,19 +125,16 @@ def main(argv: list[str] | None = None) -> None:
         run_worker(args.worker, args.arch, args.batch, args.reps)
         return
     rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for _ in range(args.rounds):
-        for fw in FRAMEWORKS:
-            done = subprocess.run(
-                [sys.executable, "-m", "parity.speed.kernels", "--worker", fw, "--arch", args.arch,
-                 "--threads", str(args.threads), "--batch", str(args.batch),
-                 "--reps", str(args.reps)],
-                capture_output=True, text=True, check=False,
-                env={**os.environ, "ONEDNN_VERBOSE": "1"})
-            if done.returncode or MARK not in done.stdout:
-                raise SystemExit(f"error: the {fw} worker failed: "
-                                 + (done.stderr.strip().splitlines() or ["no output"])[-1])
-            for key, ms in summarize(done.stdout, args.reps).items():
-                rows[key][fw].append(ms)
+    workers = alternate_workers(
+        "parity.speed.kernels", FRAMEWORKS, args.rounds,
+        ["--arch", args.arch, "--threads", str(args.threads), "--batch", str(args.batch),
+         "--reps", str(args.reps)],
+        env={**os.environ, "ONEDNN_VERBOSE": "1"})
+    for fw, stdout in workers:
+        if MARK not in stdout:
+            raise SystemExit(f"error: the {fw} worker failed: it timed no batch")
+        for key, ms in summarize(stdout, args.reps).items():
+            rows[key][fw].append(ms)
     print(f"{args.arch} inference, batch {args.batch}, {args.threads} threads: oneDNN's own ms "
           f"per batch (summed over its calls), one value per round")
     width = max(16, 8 * args.rounds + 2)

@@ -1,11 +1,13 @@
-"""Timing: compile time apart, then timed repetitions (median and spread), and the machine's
-matmul peak that the achieved FLOP/s are compared with."""
+"""Timing: compile time apart, then timed repetitions (median and spread), fresh worker processes
+in alternation, and the machine's matmul peak that the achieved FLOP/s are compared with."""
 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 
@@ -48,6 +50,22 @@ def interleave(runners: dict[str, Callable[[], None]], reps: int, warmup: int
         for name, step in runners.items():
             out[name].times_s.append(timed(step))
     return out
+
+
+def alternate_workers(module: str, frameworks: Sequence[str], rounds: int, worker_args: list[str],
+                      env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
+    """``python -m module --worker FW *worker_args`` in a fresh process per framework and round,
+    the frameworks alternating (no OpenMP runtime shares a process with another's, and drift in
+    the machine's speed falls on all alike); yields each (framework, stdout). A failing worker
+    ends the command with one line: which worker, and the last line it wrote to stderr."""
+    for _ in range(rounds):
+        for fw in frameworks:
+            done = subprocess.run([sys.executable, "-m", module, "--worker", fw, *worker_args],
+                                  capture_output=True, text=True, check=False, env=env)
+            if done.returncode:
+                raise SystemExit(f"error: the {fw} worker failed: "
+                                 + (done.stderr.strip().splitlines() or ["no output"])[-1])
+            yield fw, done.stdout
 
 
 def peak_flops(precision: str, torch_device: str = "cpu") -> dict:
