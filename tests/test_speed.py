@@ -214,9 +214,11 @@ def test_kernels_name_the_failing_worker_in_one_line(capsys):
     assert "--reps" in capsys.readouterr().err
 
 
-def test_convs_refuses_counts_below_one(capsys):
-    from parity.speed import convs
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--rounds", "two"]])
+def test_speed_commands_refuse_counts_below_one(argv, capsys):
+    from parity.speed import cli, convs
 
-    with pytest.raises(SystemExit):
-        convs.main(["--rounds", "0"])
-    assert "--rounds" in capsys.readouterr().err
+    for parse in (convs.main, cli.parse_args):
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert "argument --rounds: must be a whole number of at least 1" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import tempfile
 
 from parity.speed.report import FRAMEWORKS
 from parity.speed.threads import add_malloc_flag, set_malloc, set_threads
+from parity.speed.timing import at_least_one
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU threads for both frameworks")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (>= 10 for results)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs after compilation")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=at_least_one, default=1,
                    help="isolated mode: run the frameworks' processes this many times in turn "
                         "and report each framework's median round (on a machine whose speed "
                         "drifts, the rounds pair each framework with the others' nearby runs)")
@@ -82,8 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"--frameworks: unknown {', '.join(sorted(unknown))}; choose from "
                 f"{', '.join(FRAMEWORKS)}")
-    if args.rounds < 1:
-        p.error("--rounds must be at least 1")
     if set(_names(args.modes)) - {"train", "infer"}:
         p.error("--modes takes train, infer or train,infer")
     return args

@@ -17,7 +17,7 @@ import functools
 import json
 from collections.abc import Callable
 
-from parity.speed.timing import alternate_workers, interleave
+from parity.speed.timing import add_worker_flags, alternate_workers, interleave
 
 SHAPES = ((32, 16), (16, 32), (8, 64))  # (H = W, C = O) of ResNet-20's three stages
 
@@ -71,14 +71,9 @@ def time_torch(batch: int, reps: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m parity.speed.convs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3, help="processes per framework (default: 3)")
-    p.add_argument("--threads", type=int, default=2, help="threads per process (default: 2)")
-    p.add_argument("--batch", type=int, default=128, help="(default: 128)")
-    p.add_argument("--reps", type=int, default=30, help="timed calls per line (default: 30)")
+    add_worker_flags(p, rounds=3, reps=30, reps_help="timed calls per line")
     p.add_argument("--worker", choices=("flaxres", "torch"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if min(args.rounds, args.reps, args.batch, args.threads) < 1:
-        p.error("--rounds, --reps, --batch and --threads must be at least 1")
     if args.worker:  # one framework in this fresh process
         from parity.speed.threads import set_threads
 

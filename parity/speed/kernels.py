@@ -21,7 +21,7 @@ import re
 import time
 from collections import defaultdict
 
-from parity.speed.timing import alternate_workers
+from parity.speed.timing import add_worker_flags, alternate_workers
 
 FRAMEWORKS = ("flaxres", "torch-compile")
 MARK = "flaxres-kernels: timed batches follow"
@@ -110,14 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m parity.speed.kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet20", help="a CIFAR model (default: resnet20)")
-    p.add_argument("--rounds", type=int, default=2, help="processes per framework (default: 2)")
-    p.add_argument("--threads", type=int, default=2, help="threads per process (default: 2)")
-    p.add_argument("--batch", type=int, default=128, help="(default: 128)")
-    p.add_argument("--reps", type=int, default=20, help="timed batches per process (default: 20)")
+    add_worker_flags(p, rounds=2, reps=20, reps_help="timed batches per process")
     p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if min(args.rounds, args.reps, args.batch, args.threads) < 1:
-        p.error("--rounds, --reps, --batch and --threads must be at least 1")
     if args.worker:  # one framework in this fresh process
         from parity.speed.threads import set_threads
 

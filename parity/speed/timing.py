@@ -3,6 +3,7 @@ in alternation, and the machine's matmul peak that the achieved FLOP/s are compa
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,29 @@ def interleave(runners: dict[str, Callable[[], None]], reps: int, warmup: int
         for name, step in runners.items():
             out[name].times_s.append(timed(step))
     return out
+
+
+def at_least_one(text: str) -> int:
+    """argparse type for a count of rounds, reps, images or threads: zero or less is refused
+    with one line naming the flag, not left to fail inside a worker."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return n
+
+
+def add_worker_flags(p: argparse.ArgumentParser, rounds: int, reps: int, reps_help: str) -> None:
+    """The flags of a command that times each framework in ``alternate_workers``' processes."""
+    p.add_argument("--rounds", type=at_least_one, default=rounds,
+                   help=f"processes per framework (default: {rounds})")
+    p.add_argument("--threads", type=at_least_one, default=2,
+                   help="threads per process (default: 2)")
+    p.add_argument("--batch", type=at_least_one, default=128, help="(default: 128)")
+    p.add_argument("--reps", type=at_least_one, default=reps,
+                   help=f"{reps_help} (default: {reps})")
 
 
 def alternate_workers(module: str, frameworks: Sequence[str], rounds: int, worker_args: list[str],
