@@ -1,9 +1,10 @@
-"""The results table from ``parity.accuracy`` results files: one markdown row per model and
-recipe, with each framework's accuracy over the seeds found, the training time and the machine,
-so that a table in the README (or He et al.'s Table 6, one file per depth) is a command's output,
-not a transcription. Files of the same recipe (one per framework or seed) merge into one row.
+"""The results table from ``parity.accuracy`` results files and ``train.cifar`` workdirs: one
+markdown row per model and recipe, with each framework's accuracy over the seeds found, the
+training time and the machine, so that a table in the README (or He et al.'s Table 6, one file
+per depth) is a command's output, not a transcription. Sources of the same recipe (one per
+framework or seed) merge into one row; a workdir is flaxres's run of its last checkpoint.
 
-    python -m parity.accuracy_table docs/results/accuracy-*.json
+    python -m parity.accuracy_table weights/resnet20-cifar10-jpeg docs/results/accuracy-*.json
 """
 
 from __future__ import annotations
@@ -13,10 +14,19 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+from flaxres.weights import newest_step
+from train import checkpoint
+from train.config import Config
 
 HEADER = ("| model | recipe | flaxres | PyTorch reference | training time per run (flaxres / PyTorch) "
           "| machine |\n|---|---|---|---|---|---|")
 FRAMEWORKS = ("flax", "torch")
+# Config fields parity.accuracy leaves at their defaults: a train.cifar run that set one otherwise
+# trained another recipe, and its row says so.
+FIXED_BY_PARITY = ("dataset", "momentum", "nesterov", "milestones", "val_split", "mean", "std",
+                   "augment", "precision", "init_from", "freeze_backbone")
 
 
 def run_length(config: dict) -> str:
@@ -27,8 +37,42 @@ def run_length(config: dict) -> str:
 def recipe(config: dict) -> str:
     """What the two frameworks share in a results file, as the table states it."""
     subset = f", first {config['subset']} images" if config.get("subset") else ""
+    other = "".join(f", {change}" for change in config.get("changed", ()))
     return (f"{run_length(config)}, {config['schedule']}, lr {config['lr']}, "
-            f"wd {config['weight_decay']}, batch {config['batch_size']}{subset}")
+            f"wd {config['weight_decay']}, batch {config['batch_size']}{subset}{other}")
+
+
+def _warmup_steps(cfg: Config) -> int:
+    return cfg.warmup_steps if cfg.use_warmup() else 0
+
+
+def from_workdir(path: Path) -> dict:
+    """A finished ``train.cifar`` run (its workdir or a ``weights/`` folder) as a results file
+    holding one flaxres run: the last checkpoint's config, its last epoch's test accuracy, and
+    its summed epoch times as ``parity.accuracy`` counts them. The "best" checkpoint is never
+    read: without a validation split it is chosen on the test set."""
+    last = path / "checkpoints" / "last"
+    step = newest_step(last)
+    if step is None:
+        raise ValueError(f"no checkpoint in {last}")
+    meta = checkpoint.restore_meta(last, step)
+    cfg = Config.from_dict(meta["config"])
+    total = cfg.total_steps(meta["steps_per_epoch"])
+    if step != total:
+        raise ValueError(f"unfinished run: its last checkpoint is step {step} of {total}")
+    parity_cfg = Config(arch=cfg.arch)
+    changed = [f"{name} {getattr(cfg, name)}" for name in FIXED_BY_PARITY
+               if getattr(cfg, name) != getattr(parity_cfg, name)]
+    if _warmup_steps(cfg) != _warmup_steps(parity_cfg):
+        changed.append(f"warm-up {_warmup_steps(cfg)} steps")
+    history = meta["history"]
+    config = {"arch": cfg.arch, "epochs": cfg.epochs, "steps": cfg.steps, "subset": cfg.subset,
+              "schedule": cfg.schedule, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+              "batch_size": cfg.batch_size, "changed": changed}
+    # train.cifar records no machine: the row says "not recorded" for it.
+    return {"config": config, "machine": None, "runs": {"flax": [
+        {"seed": cfg.seed, "final_acc": history[-1]["test_acc"],
+         "train_time": sum(h["epoch_time"] for h in history)}]}}
 
 
 def machine(results: dict) -> str:
@@ -57,41 +101,60 @@ def _hours(runs: list[dict]) -> str:
     return ", ".join(f"{r['train_time'] / 3600:.2f}" for r in runs) + " h" if runs else "–"
 
 
-def table(files: list[dict]) -> str:
-    """The markdown table of ``files`` (parsed results), rows in the order first seen."""
+def table(files: list[dict], names: list[str] | None = None) -> str:
+    """The markdown table of ``files`` (parsed results, from the sources ``names``), rows in the
+    order first seen. A seed given twice in one row is an error: the mean would count it twice."""
     groups: dict[tuple[str, str], dict] = {}
-    for results in files:
+    for results, name in zip(files, names or ["?"] * len(files)):
         key = (results["config"]["arch"], recipe(results["config"]))
-        group = groups.setdefault(key, {"machines": [], **{fw: [] for fw in FRAMEWORKS}})
+        group = groups.setdefault(key, {"machines": [], "sources": {},
+                                        **{fw: [] for fw in FRAMEWORKS}})
         for fw in FRAMEWORKS:
-            group[fw] += results["runs"].get(fw, [])
+            for run in results["runs"].get(fw, []):
+                if (seen := group["sources"].setdefault((fw, run["seed"]), name)) != name:
+                    raise ValueError(f"{name}: {fw} seed {run['seed']} of {key[0]} ({key[1]}) "
+                                     f"is also in {seen}")
+                group[fw].append(run)
         where = machine(results)
         if where not in group["machines"]:
             group["machines"].append(where)
+    for g in groups.values():
+        for fw in FRAMEWORKS:
+            g[fw].sort(key=lambda run: run["seed"])
     rows = [f"| {arch} | {rec} | {_accuracy(g['flax'])} | {_accuracy(g['torch'])} | "
             f"{_hours(g['flax'])} / {_hours(g['torch'])} | {'; '.join(g['machines'])} |"
             for (arch, rec), g in groups.items()]
     return "\n".join([HEADER, *rows])
 
 
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m parity.accuracy_table", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", nargs="+", help="parity.accuracy --json files")
+    p.add_argument("results", nargs="+",
+                   help="parity.accuracy --json files and train.cifar workdirs")
     args = p.parse_args(argv)
     files = []
     for name in args.results:
+        path = Path(name)
+        kind = "finished train.cifar workdir" if path.is_dir() else "parity.accuracy results file"
         try:
-            files.append(json.loads(Path(name).read_text()))
+            files.append(from_workdir(path) if path.is_dir() else json.loads(path.read_text()))
             table(files[-1:])  # reads all the table reads of it, so a bad file is named
         except OSError as e:
-            print(f"error: {name}: {e.strerror}", file=sys.stderr)
-            raise SystemExit(2) from None
+            fail(f"{name}: {e.strerror}")
+        except checkpoint.CheckpointError as e:
+            fail(str(e))
         except (ValueError, KeyError, TypeError) as e:
-            print(f"error: {name}: not a parity.accuracy results file "
-                  f"({type(e).__name__}: {e})", file=sys.stderr)
-            raise SystemExit(2) from None
-    out = table(files)
+            fail(f"{name}: not a {kind} ({type(e).__name__}: {e})")
+    try:
+        out = table(files, args.results)
+    except ValueError as e:
+        fail(str(e))
     print(out)
     return out
 

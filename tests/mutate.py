@@ -148,6 +148,12 @@ _FROM_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}""", CONVERT),
     Mutant("linear_kernel_not_transposed", "flaxres/convert.py",
            '_FROM_TORCH = {"conv": (2, 3, 1, 0), "linear": (1, 0)}',
            '_FROM_TORCH = {"conv": (2, 3, 1, 0), "linear": (0, 1)}', CONVERT),
+    Mutant("table_takes_best_epoch", "parity/accuracy_table.py",
+           '"final_acc": history[-1]["test_acc"]', '"final_acc": max(h["test_acc"] for h in history)',
+           ("parity/test_accuracy_table.py",)),
+    Mutant("table_counts_a_seed_twice", "parity/accuracy_table.py",
+           "if (seen := group[\"sources\"].setdefault((fw, run[\"seed\"]), name)) != name:",
+           "if (seen := name) != name:", ("parity/test_accuracy_table.py",)),
 ]
 
 
