@@ -69,8 +69,8 @@ def from_workdir(path: Path) -> dict:
     config = {"arch": cfg.arch, "epochs": cfg.epochs, "steps": cfg.steps, "subset": cfg.subset,
               "schedule": cfg.schedule, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
               "batch_size": cfg.batch_size, "changed": changed}
-    # train.cifar records no machine: the row says "not recorded" for it.
-    return {"config": config, "machine": None, "runs": {"flax": [
+    machines = "; ".join(_host(m) for m in meta.get("machines", []))  # older runs: none
+    return {"config": config, "machine": machines or None, "runs": {"flax": [
         {"seed": cfg.seed, "final_acc": history[-1]["test_acc"],
          "train_time": sum(h["epoch_time"] for h in history)}]}}
 
@@ -81,10 +81,13 @@ def machine(results: dict) -> str:
     m = results.get("machine")
     if not m or isinstance(m, str):
         return m or "not recorded"
+    return f"{_host(m)}, PyTorch on {results['torch_device']}"
+
+
+def _host(m: dict) -> str:
     accelerators = [d for d in m["devices"] if not d.startswith("cpu")]  # JAX's, e.g. "cuda:0"
     jax_on = f"{accelerators[0].split(':')[0]} ×{len(accelerators)}" if accelerators else "CPU"
-    return (f"{m['cpu']}, {m['cores']} cores, {m['date_utc'][:10]}; JAX on {jax_on}, PyTorch on "
-            f"{results['torch_device']}")
+    return f"{m['cpu']}, {m['cores']} cores, {m['date_utc'][:10]}; JAX on {jax_on}"
 
 
 def _accuracy(runs: list[dict]) -> str:

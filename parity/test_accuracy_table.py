@@ -57,7 +57,7 @@ def test_a_bad_results_file_is_one_line_and_exit_2(tmp_path, capsys, content, ca
     assert _refusal(capsys, [str(path)]).startswith(f"error: {path}: {cause}")
 
 
-def _workdir(tmp_path, name, step=390, seed=0, **changes):
+def _workdir(tmp_path, name, step=390, seed=0, machines=(), **changes):
     """A train.cifar workdir as ``Checkpoints.save`` leaves it: the last checkpoint's meta holds
     the config and per-epoch history (the state is a stand-in; the table never reads it)."""
     cfg = Config(arch="resnet32", epochs=30, schedule="cosine", weight_decay=5e-4, seed=seed,
@@ -67,17 +67,18 @@ def _workdir(tmp_path, name, step=390, seed=0, **changes):
                for e in range(1, step // 13 + 1)]
     checkpoint.save(tmp_path / name / "checkpoints" / "last", step, {"w": np.zeros(2)},
                     {"epoch": len(history), "config": cfg.to_dict(), "history": history,
-                     "steps_per_epoch": 13})
+                     "steps_per_epoch": 13, "machines": list(machines)})
     return str(tmp_path / name)
 
 
 def test_a_train_cifar_workdir_is_flaxres_run_of_its_seed(tmp_path, capsys):
-    workdirs = [_workdir(tmp_path, f"w{seed}", seed=seed) for seed in (1, 0)]
+    workdirs = [_workdir(tmp_path, "w1", seed=1, machines=[MACHINE]), _workdir(tmp_path, "w0")]
     torch = _file(tmp_path, "t.json", "torch", 0, 0.88, 1.5, machine="by hand")
     accuracy_table.main([*workdirs, torch])
     row = capsys.readouterr().out.strip().splitlines()[2]
     assert row == ("| resnet32 | 30 epochs, cosine, lr 0.1, wd 0.0005, batch 128 | "
                    "83.50% ± 0.71% (seeds 0, 1) | 88.00% (seed 0) | 3.00, 3.00 h / 1.50 h | "
+                   "AMD EPYC (family 25 model 1, avx2), 2 cores, 2026-12-01; JAX on CPU; "
                    "not recorded; by hand |")
 
 

@@ -4,6 +4,7 @@ predict, corrupt checkpoints, and 8-device vs 1-device data parallelism."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train import cifar, inference, loop, synthetic
+from parity import accuracy_table
+from train import checkpoint, cifar, host, inference, loop, synthetic
 from train.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +104,13 @@ def test_cli_trains_logs_plots_and_checkpoints(reference):
     assert (wd / "checkpoints" / "last" / str(3 * SPE)).is_dir()
 
 
+def test_the_results_table_reads_a_finished_run_with_its_machine(reference):
+    row = accuracy_table.main([str(reference[0])]).splitlines()[2]
+    assert row.startswith(f"| resnet8 | 3 epochs, paper, lr 0.1, wd 0.0001, batch {BATCH} | ")
+    assert re.fullmatch(rf".* \| {re.escape(host.cpu_name())}, {os.cpu_count()} cores, "
+                        r"\d{4}-\d\d-\d\d; JAX on CPU \|", row)
+
+
 # Kill and Ctrl-C arrive at a known step through loop.train's on_step hook (a timed signal
 # raced the epoch, which takes under a second).
 _KILL_AT = r"""
@@ -123,6 +132,8 @@ def test_resume_after_sigkill_mid_epoch_equals_uninterrupted(env, reference):
     out = finish(cli(env, "--epochs", "3", "--workdir", str(wd), "--resume"))
     assert "resumed from" in out and f"at step {SPE} (epoch 2, 0/{SPE}" in out
     assert history(wd) == history(reference[0])
+    machines = checkpoint.restore_meta(wd / "checkpoints" / "last", 3 * SPE)["machines"]
+    assert [m["cpu"] for m in machines] == [host.cpu_name()]  # resumed on the same machine
 
 
 def test_ctrl_c_saves_mid_epoch_and_resume_equals_uninterrupted(env, reference, capsys):

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 import flaxres
 from flaxres.weights import newest_step
-from train import checkpoint, data, finetune, parallel, steps
+from train import checkpoint, data, finetune, host, parallel, steps
 from train.config import Config
 from train.report import Report
 
@@ -194,12 +194,19 @@ def evaluate(run: Run, name: str) -> dict[str, float]:
 
 @dataclass
 class Progress:
-    """What a checkpoint carries besides the state: epoch history, best accuracy, and the
-    partial epoch's metric sums (so a run resumed mid-epoch logs identical epoch metrics)."""
+    """What a checkpoint carries besides the state: epoch history, best accuracy, the partial
+    epoch's metric sums (so a run resumed mid-epoch logs identical epoch metrics) and the
+    machines it trained on (:mod:`train.host`; one more each time it resumes elsewhere)."""
 
     metrics: dict[str, jax.Array]
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": 0})
+    machines: list[dict] = field(default_factory=list)
+
+    def note_machine(self) -> None:
+        here = host.host()
+        if not self.machines or not host.same_machine(self.machines[-1], here):
+            self.machines.append(here)
 
 
 class Checkpoints:
@@ -214,7 +221,7 @@ class Checkpoints:
     def save(self, which: str, run: Run, progress: Progress, epoch: int) -> None:
         meta = {"epoch": epoch, "config": self.cfg.to_dict(), "history": progress.history,
                 "best": progress.best, "classes": list(self.classes),
-                "steps_per_epoch": self.steps_per_epoch}
+                "steps_per_epoch": self.steps_per_epoch, "machines": progress.machines}
         checkpoint.save(self.dir / which, int(run.state.step),
                         {"state": run.state, "metrics": progress.metrics}, meta)
 
@@ -227,6 +234,7 @@ class Checkpoints:
         if step is None:
             if self.cfg.resume:
                 report.say(f"--resume: no checkpoint in {last}; starting from scratch")
+            progress.note_machine()
             return progress
         if not self.cfg.resume:
             raise ValueError(f"{self.dir} already holds a run: pass --resume to continue it or "
@@ -243,7 +251,10 @@ class Checkpoints:
         spe = self.steps_per_epoch
         report.say(f"resumed from {last} at step {step} (epoch {step // spe + 1}, "
                    f"{step % spe}/{spe} steps into it)")
-        return Progress(tree["metrics"], meta["history"], meta["best"])
+        progress = Progress(tree["metrics"], meta["history"], meta["best"],
+                            meta.get("machines", []))  # none in checkpoints before train.host
+        progress.note_machine()
+        return progress
 
 
 # ----------------------------------------------------------------------------- train

@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import os
-import platform
-import time
+
+from train.host import host
 
 FRAMEWORKS = ("flaxres-jit", "torch-eager", "torch-channels_last", "torch-compile")
 
 
-def _cpu_name() -> str:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
-                        if ":" in line)
-    except (OSError, ValueError):
-        return cpu
-    info = {k.strip(): v.strip() for k, v in info.items()}
-    flags = info.get("flags", "").split()
-    isa = "avx512f" if "avx512f" in flags else ("avx2" if "avx2" in flags else "")
-    return (f"{info.get('model name', cpu)} (family {info.get('cpu family')} model "
-            f"{info.get('model')}{', ' + isa if isa else ''})")
-
-
 def machine() -> dict:
-    """CPU, devices, library versions, date and load average: what a timing depends on."""
-    import flax
-    import jax
+    """The host (:func:`train.host.host`), PyTorch's versions and the load average: what a
+    timing depends on."""
     import torch
     import torchvision
 
@@ -35,11 +19,8 @@ def machine() -> dict:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "jax": jax.__version__,
-            "flax": flax.__version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "python": platform.python_version(),
-            "devices": [str(d) for d in jax.devices()], "loadavg_start": load,
-            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {**host(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "loadavg_start": load}
 
 
 def _policy_line(results: dict) -> str:
