@@ -2,8 +2,8 @@
 
 ``state`` is the :class:`train.steps.TrainState` plus the partial-epoch metric sums (so a run
 stopped mid-epoch resumes with identical epoch metrics); ``meta`` is JSON: epoch, config, history,
-best accuracy, class names. Orbax writes into a temporary folder and renames it when complete, so
-a run killed while saving leaves the previous checkpoint intact.
+best accuracy, class names, the machines it ran on. Orbax writes into a temporary folder and
+renames it when complete, so a run killed while saving leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
