@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=None,
                    help="iterations per run, overriding --epochs (the paper's: 64000)")
     p.add_argument("--subset", type=int, default=None,
-                   help="train on the first N images only (default: all)")
+                   help="train on a fixed random N-image subset, the same for every seed "
+                        "(default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="seeds, one run per framework each (default: 0 1 2)")
     p.add_argument("--batch-size", type=int, default=128, help="(default: 128)")

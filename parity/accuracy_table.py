@@ -36,7 +36,7 @@ def run_length(config: dict) -> str:
 
 def recipe(config: dict) -> str:
     """What the two frameworks share in a results file, as the table states it."""
-    subset = f", first {config['subset']} images" if config.get("subset") else ""
+    subset = f", fixed {config['subset']}-image subset" if config.get("subset") else ""
     other = "".join(f", {change}" for change in config.get("changed", ()))
     return (f"{run_length(config)}, {config['schedule']}, lr {config['lr']}, "
             f"wd {config['weight_decay']}, batch {config['batch_size']}{subset}{other}")
