@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from scipy import stats
+
 from flaxres.weights import newest_step
 from train import checkpoint
 from train.config import Config
 
-HEADER = ("| model | recipe | flaxres | PyTorch reference | training time per run (flaxres / PyTorch) "
-          "| machine |\n|---|---|---|---|---|---|")
+HEADER = ("| model | recipe | flaxres | PyTorch reference | flaxres − PyTorch "
+          "| training time per run (flaxres / PyTorch) | machine |\n|---|---|---|---|---|---|---|")
 FRAMEWORKS = ("flax", "torch")
 # Config fields parity.accuracy leaves at their defaults: a train.cifar run that set one otherwise
 # trained another recipe, and its row says so.
@@ -100,6 +102,19 @@ def _accuracy(runs: list[dict]) -> str:
             f"(seeds {', '.join(str(r['seed']) for r in runs)})")
 
 
+def _gap(flax: list[dict], torch: list[dict]) -> str:
+    """flaxres's mean minus PyTorch's, in points, and with two seeds or more on each side Welch's
+    t-test p: how often seed noise alone would part two equally good frameworks this far. Welch's,
+    not Student's, because each framework's seeds scatter by their own amount."""
+    if not flax or not torch:
+        return "–"
+    ours, theirs = ([100 * r["final_acc"] for r in runs] for runs in (flax, torch))
+    gap = f"{statistics.mean(ours) - statistics.mean(theirs):+.2f} points"
+    if min(len(ours), len(theirs)) < 2:
+        return gap
+    return f"{gap} (Welch's t-test p = {stats.ttest_ind(ours, theirs, equal_var=False).pvalue:.2f})"
+
+
 def _hours(runs: list[dict]) -> str:
     return ", ".join(f"{r['train_time'] / 3600:.2f}" for r in runs) + " h" if runs else "–"
 
@@ -125,7 +140,7 @@ def table(files: list[dict], names: list[str] | None = None) -> str:
         for fw in FRAMEWORKS:
             g[fw].sort(key=lambda run: run["seed"])
     rows = [f"| {arch} | {rec} | {_accuracy(g['flax'])} | {_accuracy(g['torch'])} | "
-            f"{_hours(g['flax'])} / {_hours(g['torch'])} | {'; '.join(g['machines'])} |"
+            f"{_gap(g['flax'], g['torch'])} | {_hours(g['flax'])} / {_hours(g['torch'])} | {'; '.join(g['machines'])} |"
             for (arch, rec), g in groups.items()]
     return "\n".join([HEADER, *rows])
 

@@ -40,9 +40,21 @@ def test_one_recipe_in_two_files_is_one_row(tmp_path, capsys):
     rows = capsys.readouterr().out.strip().splitlines()
     assert len(rows) == 3
     assert rows[2] == ("| resnet32 | 30 epochs, cosine, lr 0.1, wd 0.0005, batch 128 | "
-                       "88.12% (seed 0) | 87.50% ± 0.71% (seeds 0, 1) | 2.00 h / 1.50, 1.50 h | "
+                       "88.12% (seed 0) | 87.50% ± 0.71% (seeds 0, 1) | +0.62 points | "
+                       "2.00 h / 1.50, 1.50 h | "
                        "AMD EPYC (family 25 model 1, avx2), 2 cores, 2026-12-01; JAX on CPU, "
                        "PyTorch on cpu; by hand |")
+
+
+def test_the_gap_is_tested_against_seed_noise_with_welchs_t_test(tmp_path, capsys):
+    """Two seeds a side, ResNet-44's first: Welch's p is 0.26 on 1.14 degrees of freedom, where
+    Student's t-test (2 degrees, pooled variance) would say 0.17."""
+    sources = [_file(tmp_path, f"{fw}{seed}.json", fw, seed, acc, 1.0)
+               for fw, accs in (("flax", (0.8821, 0.8835)), ("torch", (0.8746, 0.8798)))
+               for seed, acc in enumerate(accs)]
+    accuracy_table.main(sources)
+    gap = capsys.readouterr().out.strip().splitlines()[2].split(" | ")[4]
+    assert gap == "+0.56 points (Welch's t-test p = 0.26)"
 
 
 @pytest.mark.parametrize("content, cause", [
@@ -77,7 +89,7 @@ def test_a_train_cifar_workdir_is_flaxres_run_of_its_seed(tmp_path, capsys):
     accuracy_table.main([*workdirs, torch])
     row = capsys.readouterr().out.strip().splitlines()[2]
     assert row == ("| resnet32 | 30 epochs, cosine, lr 0.1, wd 0.0005, batch 128 | "
-                   "83.50% ± 0.71% (seeds 0, 1) | 88.00% (seed 0) | 3.00, 3.00 h / 1.50 h | "
+                   "83.50% ± 0.71% (seeds 0, 1) | 88.00% (seed 0) | -4.50 points | 3.00, 3.00 h / 1.50 h | "
                    "AMD EPYC (family 25 model 1, avx2), 2 cores, 2026-12-01; JAX on CPU; "
                    "not recorded; by hand |")
 
@@ -118,11 +130,13 @@ def test_a_workdir_with_corrupt_metadata_is_one_line_and_exit_2(tmp_path, capsys
 
 
 def test_the_readme_quotes_the_shipped_results(capsys):
-    """The README's results table against the command it names, run on the shipped sources."""
+    """The README's results table against the command it names, run on the shipped sources: every
+    accuracy, and each gap with its p-value as printed."""
     root = Path(__file__).resolve().parents[1]
     sources = [root / "weights/resnet20-cifar10-jpeg-cos90", root / "weights/resnet20-cifar10-jpeg",
                *sorted((root / "docs/results").glob("accuracy-resnet*.json"))]
     rows = accuracy_table.main([str(s) for s in sources]).splitlines()[2:]
     readme = (root / "README.md").read_text()
     quoted = [cell.split(" (")[0] for row in rows for cell in row.split(" | ")[2:4]]
-    assert len(rows) == 4 and all(a in readme for a in quoted if a != "not run")
+    gaps = [row.split(" | ")[4] for row in rows]
+    assert len(rows) == 4 and all(a in readme for a in quoted + gaps if a not in ("not run", "–"))

@@ -154,6 +154,9 @@ _FROM_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}""", CONVERT),
     Mutant("table_counts_a_seed_twice", "parity/accuracy_table.py",
            "if (seen := group[\"sources\"].setdefault((fw, run[\"seed\"]), name)) != name:",
            "if (seen := name) != name:", ("parity/test_accuracy_table.py",)),
+    Mutant("table_gap_by_students_t", "parity/accuracy_table.py",
+           "stats.ttest_ind(ours, theirs, equal_var=False)", "stats.ttest_ind(ours, theirs)",
+           ("parity/test_accuracy_table.py",)),
 ]
 
 
