@@ -140,7 +140,8 @@ def table(files: list[dict], names: list[str] | None = None) -> str:
         for fw in FRAMEWORKS:
             g[fw].sort(key=lambda run: run["seed"])
     rows = [f"| {arch} | {rec} | {_accuracy(g['flax'])} | {_accuracy(g['torch'])} | "
-            f"{_gap(g['flax'], g['torch'])} | {_hours(g['flax'])} / {_hours(g['torch'])} | {'; '.join(g['machines'])} |"
+            f"{_gap(g['flax'], g['torch'])} | {_hours(g['flax'])} / {_hours(g['torch'])} | "
+            f"{'; '.join(g['machines'])} |"
             for (arch, rec), g in groups.items()]
     return "\n".join([HEADER, *rows])
 

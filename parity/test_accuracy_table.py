@@ -89,7 +89,8 @@ def test_a_train_cifar_workdir_is_flaxres_run_of_its_seed(tmp_path, capsys):
     accuracy_table.main([*workdirs, torch])
     row = capsys.readouterr().out.strip().splitlines()[2]
     assert row == ("| resnet32 | 30 epochs, cosine, lr 0.1, wd 0.0005, batch 128 | "
-                   "83.50% ± 0.71% (seeds 0, 1) | 88.00% (seed 0) | -4.50 points | 3.00, 3.00 h / 1.50 h | "
+                   "83.50% ± 0.71% (seeds 0, 1) | 88.00% (seed 0) | -4.50 points | "
+                   "3.00, 3.00 h / 1.50 h | "
                    "AMD EPYC (family 25 model 1, avx2), 2 cores, 2026-12-01; JAX on CPU; "
                    "not recorded; by hand |")
 
