@@ -112,6 +112,8 @@ def _gap(flax: list[dict], torch: list[dict]) -> str:
     gap = f"{statistics.mean(ours) - statistics.mean(theirs):+.2f} points"
     if min(len(ours), len(theirs)) < 2:
         return gap
+    if statistics.stdev(ours) == statistics.stdev(theirs) == 0:  # Welch's p would be nan
+        return f"{gap} (no t-test: every seed alike on each side)"
     return f"{gap} (Welch's t-test p = {stats.ttest_ind(ours, theirs, equal_var=False).pvalue:.2f})"
 
 

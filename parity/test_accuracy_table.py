@@ -57,6 +57,14 @@ def test_the_gap_is_tested_against_seed_noise_with_welchs_t_test(tmp_path, capsy
     assert gap == "+0.56 points (Welch's t-test p = 0.26)"
 
 
+def test_seeds_alike_on_each_side_print_no_t_test_rather_than_nan(tmp_path, capsys):
+    sources = [_file(tmp_path, f"{fw}{seed}.json", fw, seed, acc, 1.0)
+               for fw, acc in (("flax", 0.88), ("torch", 0.87)) for seed in (0, 1)]
+    accuracy_table.main(sources)
+    gap = capsys.readouterr().out.strip().splitlines()[2].split(" | ")[4]
+    assert gap == "+1.00 points (no t-test: every seed alike on each side)"
+
+
 @pytest.mark.parametrize("content, cause", [
     (None, "No such file or directory"),
     ("{", "not a parity.accuracy results file (JSONDecodeError"),
