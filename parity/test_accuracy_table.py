@@ -46,22 +46,24 @@ def test_one_recipe_in_two_files_is_one_row(tmp_path, capsys):
                        "PyTorch on cpu; by hand |")
 
 
+def _gap_cell(tmp_path, capsys, flax_accs, torch_accs):
+    """The gap column of the row that one results file per framework and seed make."""
+    sources = [_file(tmp_path, f"{fw}{seed}.json", fw, seed, acc, 1.0)
+               for fw, accs in (("flax", flax_accs), ("torch", torch_accs))
+               for seed, acc in enumerate(accs)]
+    accuracy_table.main(sources)
+    return capsys.readouterr().out.strip().splitlines()[2].split(" | ")[4]
+
+
 def test_the_gap_is_tested_against_seed_noise_with_welchs_t_test(tmp_path, capsys):
     """Two seeds a side, ResNet-44's first: Welch's p is 0.26 on 1.14 degrees of freedom, where
     Student's t-test (2 degrees, pooled variance) would say 0.17."""
-    sources = [_file(tmp_path, f"{fw}{seed}.json", fw, seed, acc, 1.0)
-               for fw, accs in (("flax", (0.8821, 0.8835)), ("torch", (0.8746, 0.8798)))
-               for seed, acc in enumerate(accs)]
-    accuracy_table.main(sources)
-    gap = capsys.readouterr().out.strip().splitlines()[2].split(" | ")[4]
+    gap = _gap_cell(tmp_path, capsys, (0.8821, 0.8835), (0.8746, 0.8798))
     assert gap == "+0.56 points (Welch's t-test p = 0.26)"
 
 
 def test_seeds_alike_on_each_side_print_no_t_test_rather_than_nan(tmp_path, capsys):
-    sources = [_file(tmp_path, f"{fw}{seed}.json", fw, seed, acc, 1.0)
-               for fw, acc in (("flax", 0.88), ("torch", 0.87)) for seed in (0, 1)]
-    accuracy_table.main(sources)
-    gap = capsys.readouterr().out.strip().splitlines()[2].split(" | ")[4]
+    gap = _gap_cell(tmp_path, capsys, (0.88, 0.88), (0.87, 0.87))
     assert gap == "+1.00 points (no t-test: every seed alike on each side)"
 
 
