@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(d for d in (ROOT / "weights").iterdir() if (d / "metrics.jsonl").exists())
 SHARED = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 by_name = pytest.mark.parametrize("folder", SHIPPED, ids=[d.name for d in SHIPPED])
-# He et al.'s counts (Table 6: 0.27M, 0.46M, 0.66M), so a folder cannot load as another depth.
-PARAMS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586}
+# He et al.'s counts (Table 6: 0.27M, 0.46M, 0.66M, 0.85M), so a folder cannot load as another
+# depth.
+PARAMS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018}
 
 
 def arch_of(folder: Path) -> str:
