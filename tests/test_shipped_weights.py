@@ -11,15 +11,13 @@ import numpy as np
 import pytest
 
 import flaxres
+from tests.test_models import CIFAR_COUNTS
 from train import cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(d for d in (ROOT / "weights").iterdir() if (d / "metrics.jsonl").exists())
 SHARED = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 by_name = pytest.mark.parametrize("folder", SHIPPED, ids=[d.name for d in SHIPPED])
-# He et al.'s counts (Table 6: 0.27M, 0.46M, 0.66M, 0.85M), so a folder cannot load as another
-# depth.
-PARAMS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018}
 
 
 def arch_of(folder: Path) -> str:
@@ -39,7 +37,8 @@ def test_the_shipped_runs_are_found():  # an empty parametrisation would pass si
 @by_name
 def test_shipped_weights_load_and_predict(folder: Path):
     model = flaxres.create_model(arch_of(folder), pretrained=folder)
-    assert flaxres.count_params(model) == PARAMS[arch_of(folder)]
+    # He et al.'s count for the depth (Table 6), so a folder cannot load as another depth.
+    assert flaxres.count_params(model) == CIFAR_COUNTS[arch_of(folder)]
     model.eval()
     x = np.random.default_rng(0).normal(size=(16, 32, 32, 3)).astype(np.float32)
     logits = model(jnp.asarray(x))
