@@ -144,10 +144,10 @@ def test_the_readme_quotes_the_shipped_results(capsys):
     """The README's results table against the command it names, run on the shipped sources: every
     accuracy, and each gap with its p-value as printed."""
     root = Path(__file__).resolve().parents[1]
-    sources = [root / "weights/resnet20-cifar10-jpeg-cos90", root / "weights/resnet20-cifar10-jpeg",
+    sources = [*(root / "weights" / f"resnet20-cifar10-jpeg{s}" for s in ("-64k", "-cos90", "")),
                *sorted((root / "docs/results").glob("accuracy-resnet*.json"))]
     rows = accuracy_table.main([str(s) for s in sources]).splitlines()[2:]
     readme = (root / "README.md").read_text()
     quoted = [cell.split(" (")[0] for row in rows for cell in row.split(" | ")[2:4]]
     gaps = [row.split(" | ")[4] for row in rows]
-    assert len(rows) == 5 and all(a in readme for a in quoted + gaps if a not in ("not run", "–"))
+    assert len(rows) == 6 and all(a in readme for a in quoted + gaps if a not in ("not run", "–"))
