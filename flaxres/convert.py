@@ -6,21 +6,23 @@ at the same dotted path (``nnx.List`` indices and ``nnx.Sequential`` layers beco
 kernel layouts HWIO <-> OIHW and (in, out) <-> (out, in). Any parameter or statistic outside those
 module types is an error, so a new layer type can never be skipped silently.
 
-CLI::
+CLI (the source is anything ``create_model(pretrained=...)`` reads, the output's suffix picks
+its format)::
 
-    python -m flaxres.convert --arch resnet20 in.pth out_dir/          # PyTorch -> orbax
-    python -m flaxres.convert --arch resnet20 --to-torch out_dir/ back.pth
+    python -m flaxres.convert --arch resnet20 in.pth out_dir/            # -> Orbax
+    python -m flaxres.convert --arch resnet20 runs/r20 r20.safetensors   # a training workdir
+    python -m flaxres.convert --arch resnet20 out_dir/ back.pth          # -> PyTorch
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -105,18 +107,21 @@ def named_arrays(module: nnx.Module, state: nnx.State | None = None) -> dict[str
     return out
 
 
-def to_torch(model: nnx.Module) -> dict[str, Any]:
-    """A state dict that the PyTorch reference loads with ``strict=True``.
+def state_dict_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
+    """:func:`named_arrays` plus ``num_batches_tracked`` (written as 0: flaxres does not count
+    batches, and PyTorch uses the count only for ``momentum=None``), so that the PyTorch
+    reference loads the result with ``strict=True``."""
+    sd = named_arrays(model)
+    for key in [k for k in sd if k.endswith(".running_var")]:
+        sd[key.removesuffix("running_var") + "num_batches_tracked"] = np.zeros((), np.int64)
+    return sd
 
-    ``num_batches_tracked`` is written as 0: flaxres does not count batches (PyTorch uses the count
-    only for ``momentum=None``).
-    """
+
+def to_torch(model: nnx.Module) -> dict[str, Any]:
+    """A state dict that the PyTorch reference loads with ``strict=True``."""
     import torch
 
-    sd: dict[str, Any] = {k: torch.from_numpy(v.copy()) for k, v in named_arrays(model).items()}
-    for key in [k for k in sd if k.endswith(".running_var")]:
-        sd[key.removesuffix("running_var") + "num_batches_tracked"] = torch.tensor(0)
-    return sd
+    return {k: torch.from_numpy(v.copy()) for k, v in state_dict_arrays(model).items()}
 
 
 def load_state_dict(source: Any) -> dict[str, np.ndarray]:
@@ -202,47 +207,49 @@ def _to_numpy(v: Any) -> np.ndarray:
     return (v.float() if v.is_floating_point() and v.element_size() < 4 else v).numpy()
 
 
-def detect_layout(sd: Mapping[str, Any]) -> str:
-    """Which repository's key names ``sd`` uses, from the keys present (never the file name).
+_ALIASES = ((re.compile(r"^linear\."), "fc."),  # akamaster / kuangliu heads
+            (re.compile(r"^(layer\d+\.\d+\.)shortcut\."), r"\1downsample."))  # kuangliu
 
-    ``"torchvision"`` (also timm): ``fc`` head, ``downsample.{0,1}`` projections.
-    ``"akamaster"`` (pytorch_resnet_cifar10): ``linear`` head, option-A shortcuts without
-    parameters. ``"kuangliu"`` (pytorch-cifar): ``linear`` head, ``shortcut.{0,1}`` projections.
-    Keys of two layouts at once raise :class:`WeightsError`.
-    """
-    heads = sorted({k.split(".")[0] for k in sd if k.split(".")[0] in ("fc", "linear")})
-    shortcuts = sorted({m[2] for k in sd if (m := _SHORTCUT.match(k))})
-    if len(heads) > 1 or len(shortcuts) > 1 or (heads, shortcuts) in (
-            (["fc"], ["shortcut"]), (["linear"], ["downsample"])):
-        raise WeightsError("ambiguous state dict: it mixes layouts (heads: "
-                           f"{', '.join(heads) or 'none'}; shortcut modules: "
-                           f"{', '.join(shortcuts) or 'none'})")
-    if heads == ["linear"] or shortcuts == ["shortcut"]:
-        return "kuangliu" if shortcuts else "akamaster"
+
+def detect_layout(sd: Mapping[str, Any]) -> str:
+    """Which repository's key names ``sd`` uses, from the keys present (never the file name),
+    for messages: ``"torchvision"`` (also timm: ``fc`` head, ``downsample.{0,1}`` projections),
+    ``"akamaster"`` (``linear`` head, option-A shortcuts without parameters), ``"kuangliu"``
+    (``linear`` head, ``shortcut.{0,1}`` projections), or ``"mixed"`` for a hand-written module
+    that takes one name from each (``fc`` with ``shortcut``: the names are aliases key by key)."""
+    heads = {k.split(".")[0] for k in sd} & {"fc", "linear"}
+    shortcuts = {m[2] for k in sd if (m := _SHORTCUT.match(k))}
+    if heads == {"linear"} or (not heads and shortcuts == {"shortcut"}):
+        return "kuangliu" if shortcuts == {"shortcut"} else "akamaster"
+    if "linear" in heads or "shortcut" in shortcuts:
+        return "mixed"
     return "torchvision"
 
 
-def _to_flaxres_names(sd: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarray]:
-    """Renames akamaster/kuangliu keys to flaxres' (torchvision's) names."""
-    if layout == "torchvision":
-        return sd
-    return {_SHORTCUT.sub(r"\1downsample.", re.sub(r"^linear\.", "fc.", k)): v
-            for k, v in sd.items()}
+def _flaxres_name(key: str) -> str:
+    """A file's key under flaxres' (torchvision's) names: ``linear`` -> ``fc``,
+    ``layerS.B.shortcut`` -> ``layerS.B.downsample``."""
+    for pattern, replacement in _ALIASES:
+        key = pattern.sub(replacement, key)
+    return key
 
 
-def _file_name(key: str, layout: str) -> str:
-    """A flaxres name as the ``layout``'s file spells it (the inverse of _to_flaxres_names)."""
-    if layout not in ("akamaster", "kuangliu"):
-        return key
-    key = re.sub(r"^fc\.", "linear.", key)
-    return re.sub(r"^(layer\d+\.\d+\.)downsample\.", r"\1shortcut.", key)
-
-
-def torch_weights(source: Any) -> tuple[dict[str, np.ndarray], str]:
-    """``(state dict under flaxres names, layout)`` for anything :func:`load_state_dict` reads."""
+def torch_weights(source: Any) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
+    """``(state dict under flaxres names, layout, {flaxres name: the file's name})`` for anything
+    :func:`load_state_dict` reads. Aliases are mapped key by key, so a module that mixes
+    conventions loads; two keys of the file that name the same parameter raise
+    :class:`WeightsError`."""
     sd = load_state_dict(source)
-    layout = detect_layout(sd)
-    return _to_flaxres_names(sd, layout), layout
+    out: dict[str, np.ndarray] = {}
+    file_names: dict[str, str] = {}
+    for key, value in sd.items():
+        name = _flaxres_name(key)
+        if name in out:
+            first, second = sorted((file_names[name], key))
+            raise WeightsError(f"ambiguous state dict: {first!r} and {second!r} are aliases of "
+                               f"one parameter ({name})")
+        out[name], file_names[name] = value, key
+    return out, detect_layout(sd), file_names
 
 
 def head_classes(sd: Mapping[str, np.ndarray]) -> int:
@@ -263,7 +270,7 @@ def from_torch(model: nnx.Module | str, source: Any, *, strict: bool = True) -> 
     one :class:`ConversionError`.
     """
     try:
-        sd, layout = torch_weights(source)
+        sd, layout, file_names = torch_weights(source)
     except WeightsError as e:
         if isinstance(source, (str, os.PathLike)):
             raise type(e)(f"{source}: {e}") from e
@@ -275,8 +282,9 @@ def from_torch(model: nnx.Module | str, source: Any, *, strict: bool = True) -> 
         # Strict: abstract, as every array comes from the file (no initialisation work).
         model = (nnx.eval_shape(lambda: create_model(arch, num_classes=classes)) if strict
                  else create_model(arch, num_classes=classes))
-        return load_named(model, sd, strict=strict, layout=layout, arch=arch)
-    return load_named(model, sd, strict=strict, layout=layout)
+        return load_named(model, sd, strict=strict, layout=layout, file_names=file_names,
+                          arch=arch)
+    return load_named(model, sd, strict=strict, layout=layout, file_names=file_names)
 
 
 def from_nnx_arrays(model: nnx.Module, flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -297,17 +305,31 @@ def from_nnx_arrays(model: nnx.Module, flat: Mapping[str, np.ndarray]) -> dict[s
 
 
 def load_named(model: nnx.Module, sd: Mapping[str, np.ndarray], *, strict: bool = True,
-               layout: str = "torchvision", fresh_head: bool = False,
-               arch: str | None = None) -> nnx.Module:
+               layout: str = "torchvision", file_names: Mapping[str, str] | None = None,
+               fresh_head: bool = False, arch: str | None = None) -> nnx.Module:
     """Loads a state dict under flaxres names into ``model``. ``fresh_head``: the ``fc`` weights
     are neither loaded nor required (the model keeps its new head, e.g. for other classes);
-    ``arch`` names the model in errors."""
+    ``layout``, ``file_names`` ({flaxres name: the file's}) and ``arch`` make errors speak the
+    file's names and name the model."""
     entries = [e for e in _entries(model) if not (fresh_head and e.key.startswith("fc."))]
     if fresh_head:
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
     expected = {e.key: e for e in entries}
     bn_prefixes = {e.key.removesuffix("running_var") for e in entries if e.key.endswith("running_var")}
-    shown = functools.partial(_file_name, layout=layout)  # errors speak the file's names
+    file_names = file_names or {}
+    spelled = set(file_names.values())
+    uses_linear = any(k.startswith("linear.") for k in spelled)
+    uses_shortcut = any((m := _SHORTCUT.match(k)) and m[2] == "shortcut" for k in spelled)
+
+    def shown(key: str) -> str:  # the file's name; for a key it lacks, in the file's spelling
+        if key in file_names:
+            return file_names[key]
+        if uses_linear:
+            key = re.sub(r"^fc\.", "linear.", key)
+        if uses_shortcut:
+            key = re.sub(r"^(layer\d+\.\d+\.)downsample\.", r"\1shortcut.", key)
+        return key
+
     missing = [shown(k) for k in expected if k not in sd]
     unexpected = [shown(k) for k in sd if k not in expected and not (
         k.endswith(_IGNORED_SUFFIX) and k.removesuffix(_IGNORED_SUFFIX[1:]) in bn_prefixes)]
@@ -348,45 +370,34 @@ def _file_blocks(sd: Mapping[str, np.ndarray]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m flaxres.convert", description=__doc__.split("\n")[0])
     p.add_argument("--arch", required=True, help="registry name, e.g. resnet20")
-    p.add_argument("--to-torch", action="store_true",
-                   help="convert an orbax checkpoint directory (src) to a .pth file (dst)")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="classes of the orbax checkpoint for --to-torch (default: read from it)")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="any create_model(pretrained=...) source: a PyTorch or "
+                   ".safetensors file, an Orbax directory or training workdir, a URL")
+    p.add_argument("dst", help="by its suffix: .safetensors, .pth/.pt/.th (PyTorch state dict), "
+                   "else an Orbax directory")
     args = p.parse_args(argv)
-    import orbax.checkpoint as ocp
+    from flaxres.registry import create_model
 
-    ckptr = ocp.StandardCheckpointer()
-    if args.to_torch:
+    dst = Path(args.dst)
+    try:
+        model = create_model(args.arch, pretrained=args.src)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if dst.suffix == ".safetensors":
+        from flaxres.weights import save_safetensors
+
+        save_safetensors(model, dst, {"arch": args.arch})
+    elif dst.suffix in (".pth", ".pt", ".th"):
         import torch
 
-        from flaxres.registry import create_model
-
-        src = os.path.abspath(args.src)
-        n = args.num_classes or _orbax_num_classes(ckptr, src)
-        model = nnx.eval_shape(lambda: create_model(args.arch, num_classes=n))
-        nnx.update(model, ckptr.restore(src, nnx.state(model)))
-        torch.save(to_torch(model), args.dst)
+        torch.save(to_torch(model), dst)
     else:
-        try:
-            model = from_torch(args.arch, args.src)
-        except WeightsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        ckptr.save(os.path.abspath(args.dst), nnx.state(model))
+        import orbax.checkpoint as ocp
+
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(dst.absolute(), nnx.state(model))
         ckptr.wait_until_finished()
-    print(f"wrote {args.dst}")
-
-
-def _orbax_num_classes(ckptr, path: str) -> int:
-    meta = ckptr.metadata(path)
-    tree = getattr(meta, "item_metadata", meta)
-    try:
-        bias = tree["fc"]["bias"]
-        return int((getattr(bias, "shape", None) or bias["value"].shape)[0])
-    except (KeyError, TypeError, AttributeError) as err:
-        raise SystemExit(f"cannot read fc.bias from {path}; pass --num-classes") from err
+    print(f"wrote {dst}")
 
 
 if __name__ == "__main__":

@@ -116,8 +116,7 @@ class _KeyStream:
     """The ``rngs.params()`` that nnx layers draw their initial weights from, without an
     ``nnx.Rngs`` counter: under ``nnx.eval_shape`` (abstract models, to be filled with loaded
     weights) each draw from an ``nnx.Rngs`` updates a counter Variable, and flax 0.12's update
-    scans the whole trace so far: building ResNet-1202 abstractly took 90 s, now 10 s (2-core
-    EPYC, loaded)."""
+    scans the whole trace so far, which makes abstract builds of deep nets slow."""
 
     def __init__(self, key: jax.Array):
         self.key, self.drawn = key, 0

@@ -1,8 +1,8 @@
 """CPU fast paths that compute exactly the same function as their ``lax`` originals.
 
 XLA:CPU lowers a convolution's weight gradient to an Eigen spatial convolution whose window is the
-whole feature map and whose contraction runs over N·H·W (≈ 130k for a CIFAR batch): ≈ 4–20
-GFLOP/s on 2 cores, against ≈ 60–100 for the forward convolution, dominating the train step (see
+whole feature map and whose contraction runs over N·H·W (≈ 130k for a CIFAR batch): several
+times slower than the forward convolution, it dominates the train step (see
 ``docs/performance.md``). On the CPU the weight gradient here is instead
 
     dW[kh, kw, ci, co] = Σ_chunks  dyᵀ(chunk) · patches(x)(chunk)
@@ -58,7 +58,7 @@ class CpuOps:
     # Rows (images x output pixels) per chunk of the weight-gradient scan: 2k-4k rows keep the
     # chunk's patches in L2/L3 and Eigen's GEMM efficient (docs/performance.md).
     wgrad_chunk_rows: int = 4096
-    # Who runs fp32 convolutions on the CPU: oneDNN via jax.ffi (measured faster, docs/onednn.md;
+    # Who runs fp32 convolutions on the CPU: oneDNN via jax.ffi (faster, docs/performance.md;
     # XLA when the extension is not built) or XLA (with the paths above).
     conv: Literal["xla", "onednn"] = "onednn"
     # oneDNN's OpenMP threads per call; 0 = OpenMP's default (OMP_NUM_THREADS or all cores).

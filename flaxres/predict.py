@@ -22,9 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 import flaxres
 from flaxres.convert import WeightsError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from flaxres.registry import IMAGENET_MEAN, IMAGENET_STD
 _BATCH = 16
 
 

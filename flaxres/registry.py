@@ -1,4 +1,6 @@
-"""One registry of named architectures: ``create_model(name)`` and ``list_models()`` (as in timm)."""
+"""One registry of named architectures, each with its defaults (classes, input size,
+normalisation): ``create_model(name)``, ``list_models()`` and ``default_cfg(name)``, as in timm;
+named weights are :mod:`flaxres.pretrained`'s."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import functools
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -14,7 +17,28 @@ from flax import nnx
 
 from flaxres.models import BasicBlock, Bottleneck, ResNet
 
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the popular seeds' normalisation (kuangliu / akamaster)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ArchCfg:
+    """What an architecture expects by default (timm's ``default_cfg``): its head's classes, its
+    square input size, and the per-channel RGB mean and std on the 0..1 scale."""
+
+    num_classes: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+CIFAR_CFG = ArchCfg(10, 32, CIFAR_MEAN, CIFAR_STD)
+IMAGENET_CFG = ArchCfg(1000, 224, IMAGENET_MEAN, IMAGENET_STD)
+
 _REGISTRY: dict[str, Callable[..., ResNet]] = {}
+_CFGS: dict[str, ArchCfg] = {}
 
 CIFAR_WIDTHS = (16, 32, 64)
 IMAGENET_WIDTHS = (64, 128, 256, 512)
@@ -22,8 +46,12 @@ IMAGENET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3
                    152: (3, 8, 36, 3)}
 
 
-def register(name: str, builder: Callable[..., ResNet], **defaults: Any) -> None:
+def register(name: str, builder: Callable[..., ResNet], cfg: ArchCfg | None = None,
+             **defaults: Any) -> None:
+    """Registers ``builder(**defaults)`` as ``name``; ``cfg`` defaults to ImageNet's for an
+    ImageNet stem, else CIFAR's."""
     _REGISTRY[name] = functools.partial(builder, **defaults)
+    _CFGS[name] = cfg or (IMAGENET_CFG if defaults.get("stem") == "imagenet" else CIFAR_CFG)
 
 
 def cifar_blocks_per_stage(depth: int, bottleneck: bool = False) -> int:
@@ -96,9 +124,19 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 def model_stem(name: str) -> str:
     """``"imagenet"`` or ``"cifar"``: which input size the architecture was designed for."""
+    return _builder(name).keywords.get("stem", "cifar")
+
+
+def default_cfg(name: str) -> ArchCfg:
+    """The defaults of a registered architecture (``"resnet50"``: 1000 classes at 224 px)."""
+    _builder(name)
+    return _CFGS[name]
+
+
+def _builder(name: str) -> functools.partial:
     if name not in _REGISTRY:
         raise _unknown_name_error(name)
-    return _REGISTRY[name].keywords.get("stem", "cifar")
+    return _REGISTRY[name]
 
 
 def _natural_key(name: str):
@@ -121,30 +159,40 @@ def _unknown_name_error(name: str) -> ValueError:
                       f"{len(_REGISTRY)} names.")
 
 
-def create_model(name: str, *, num_classes: int | None = None, seed: int = 0,
-                 pretrained: str | os.PathLike | None = None,
+def create_model(name: str, *, pretrained: bool | str | os.PathLike | None = None,
+                 num_classes: int | None = None, seed: int = 0,
                  cache_dir: str | os.PathLike | None = None, sha256: str | None = None,
                  **overrides: Any) -> ResNet:
-    """Builds a registered architecture, with fresh PyTorch-style initial weights or ``pretrained``.
+    """Builds a registered architecture, with fresh PyTorch-style initial weights or pretrained.
 
-    ``pretrained``: a PyTorch file (torchvision/timm, akamaster or kuangliu layout), a
-    ``.safetensors`` file, an Orbax directory (a ``train.cifar`` workdir) or an ``https://`` /
-    ``file://`` URL, downloaded once into ``cache_dir`` and checked against ``sha256`` if given
-    (see :mod:`flaxres.weights`). ``num_classes`` defaults to the file's head (10 without
-    weights); another value keeps a fresh head, for fine-tuning. ``overrides`` go to
-    :class:`flaxres.models.ResNet`, e.g. ``shortcut="B"``, ``norm=False``, ``dtype=jnp.bfloat16``.
+    ``name`` is an architecture (``"resnet20"``) or a named weight set (``"resnet20.cifar10_jpeg_cos90"``,
+    see :func:`flaxres.list_pretrained`). ``pretrained=True`` loads that set (an architecture's
+    first set when no tag is given), checked against its sha256. ``pretrained`` may instead be a
+    PyTorch file (torchvision/timm, akamaster, kuangliu or hand-written layouts), a
+    ``.safetensors`` file, an Orbax directory (a training workdir) or an ``https://`` / ``file://``
+    URL, downloaded once into ``cache_dir`` and checked against ``sha256`` if given (see
+    :mod:`flaxres.weights`). ``num_classes`` defaults to the weights' head, or without weights to
+    the architecture's (:func:`default_cfg`); another value keeps a fresh head, for fine-tuning.
+    ``overrides`` go to :class:`flaxres.models.ResNet`, e.g. ``shortcut="B"``, ``norm=False``,
+    ``dtype=jnp.bfloat16``.
     """
-    if name not in _REGISTRY:
-        raise _unknown_name_error(name)
+    arch, _, tag = name.partition(".")
+    builder = _builder(arch)
+    if pretrained is True or tag:
+        from flaxres.pretrained import pretrained_cfg
+
+        entry = pretrained_cfg(name)  # an unknown tag fails here, with or without weights
+        pretrained = entry.name if pretrained is True else pretrained
+    pretrained = pretrained or None
 
     def build(classes: int) -> ResNet:
-        return _REGISTRY[name](num_classes=classes, rngs=nnx.Rngs(seed), **overrides)
+        return builder(num_classes=classes, rngs=nnx.Rngs(seed), **overrides)
 
     if pretrained is None:
-        return build(10 if num_classes is None else num_classes)
+        return build(num_classes or default_cfg(arch).num_classes)
     from flaxres.weights import load_pretrained
 
-    return load_pretrained(build, pretrained, num_classes=num_classes, arch=name,
+    return load_pretrained(build, pretrained, num_classes=num_classes, arch=arch,
                            cache_dir=cache_dir, sha256=sha256)
 
 

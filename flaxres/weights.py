@@ -1,6 +1,7 @@
 """Pretrained weights from wherever people keep them, for ``create_model(name, pretrained=...)``.
 
-A source is a local PyTorch file (``.pth``/``.pt``/``.th``, any layout
+A source is a shipped weight set's name (:func:`flaxres.list_pretrained`, checked against its
+sha256), a local PyTorch file (``.pth``/``.pt``/``.th``, any layout
 :func:`flaxres.convert.detect_layout` knows), a ``.safetensors`` file, an Orbax directory (a
 ``train.cifar`` workdir or its ``checkpoints/{best,last}``, or ``python -m flaxres.convert``
 output), or an ``https://`` / ``http://`` / ``file://`` URL of a file, downloaded once into a cache.
@@ -11,12 +12,14 @@ the source, and a failed download leaves nothing in the cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import logging
 import os
 import tempfile
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,8 +30,9 @@ import jax
 import numpy as np
 from flax import nnx, traverse_util
 
-from flaxres import convert
+from flaxres import checkpoint, convert
 from flaxres.convert import WeightsError
+from flaxres.pretrained import list_pretrained, pretrained_cfg
 
 log = logging.getLogger("flaxres")
 
@@ -50,8 +54,6 @@ def fetch(url: str, cache_dir: str | os.PathLike | None = None, sha256: str | No
     """The cached copy of ``url``, downloaded on first use with a progress bar (``progress=None``:
     only on a terminal). The file is written under a temporary name and renamed once complete and
     (with ``sha256``) verified, so an interrupted or failed download never looks cached."""
-    from tqdm import tqdm
-
     name = Path(urllib.parse.urlparse(url).path).name or "weights"
     folder = Path(cache_dir or default_cache_dir()).expanduser() / hashlib.sha256(
         url.encode()).hexdigest()[:16]  # one folder per URL: equal file names never collide
@@ -66,9 +68,7 @@ def fetch(url: str, cache_dir: str | os.PathLike | None = None, sha256: str | No
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=f"downloading {name}", disable=None if progress is None else not progress,
-                      leave=False) as bar:
+            with _progress_bar(total, f"downloading {name}", progress) as bar:
                 while chunk := response.read(_CHUNK):
                     f.write(chunk)
                     digest.update(chunk)
@@ -89,6 +89,33 @@ def fetch(url: str, cache_dir: str | os.PathLike | None = None, sha256: str | No
             folder.rmdir()
 
 
+def _progress_bar(total: int | None, desc: str, progress: bool | None):
+    """tqdm's bar where tqdm is installed (the trainer's extra), else a silent stand-in."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return contextlib.nullcontext(types.SimpleNamespace(update=lambda n: None))
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                disable=None if progress is None else not progress, leave=False)
+
+
+def save_safetensors(model: nnx.Module, path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """The model's weights and BatchNorm statistics as a ``.safetensors`` file under PyTorch's
+    names and layouts (``torch_model.load_state_dict(safetensors.torch.load_file(path))`` loads
+    it too), with ``metadata`` in its header. Written under a temporary name and renamed, so a
+    failed write leaves nothing."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        save_file(convert.state_dict_arrays(model), tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _check_sha256(path: Path, sha256: str, what: str) -> None:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -99,34 +126,15 @@ def _check_sha256(path: Path, sha256: str, what: str) -> None:
                            f"{sha256.lower()}")
 
 
-def newest_step(directory: Path) -> int | None:
-    """The highest numbered step folder in ``directory`` (Orbax's CheckpointManager layout)."""
-    if not directory.is_dir():
-        return None
-    steps = [int(d.name) for d in directory.iterdir() if d.is_dir() and d.name.isdigit()]
-    return max(steps) if steps else None
-
-
-def find_step(path: Path) -> tuple[Path, int] | None:
-    """(manager folder, newest step) under a train.cifar workdir, its ``checkpoints/`` folder
-    (meaning the best checkpoint, else the last: a shipped workdir may keep only ``last``) or
-    ``checkpoints/{best,last}``; ``None`` when there is none."""
-    for cand in (path / "checkpoints" / "best", path / "best", path / "checkpoints" / "last",
-                 path / "last", path):
-        if (step := newest_step(cand)) is not None:
-            return cand, step
-    return None
-
-
 def orbax_state_dir(path: Path) -> tuple[Path, dict]:
     """The Orbax state folder in ``path`` and its train.cifar metadata (``{}`` when none).
 
     ``path`` may be a train.cifar workdir, its ``checkpoints/`` folder, ``checkpoints/best`` or
     ``/last`` (the newest step), one step folder, or a plain ``StandardCheckpointer`` directory.
     """
-    if found := find_step(path):
+    if found := checkpoint.find_step(path):
         path = found[0] / str(found[1])
-    if (path / "state").is_dir():  # a train.cifar step folder: {state, meta}
+    if (path / "state").is_dir():  # a training step folder: {state, meta}
         meta_file = path / "meta" / "metadata"
         try:
             meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
@@ -155,12 +163,8 @@ def read_orbax(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     except Exception as e:  # orbax/tensorstore raise many kinds for damaged folders
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(f"unreadable Orbax checkpoint {state_dir}: {first}") from e
-    if "state" in tree and "params" in tree["state"]:  # train.cifar: {state: TrainState, metrics}
-        parts = [tree["state"]["params"], tree["state"]["batch_stats"]]
-    else:
-        parts = [tree]
     flat = {}
-    for part in parts:
+    for part in checkpoint.model_trees(tree):
         for keys, leaf in traverse_util.flatten_dict(part).items():
             keys = keys[:-1] if keys[-1] == "value" else keys  # nnx.Variable's saved field
             flat[".".join(map(str, keys))] = np.asarray(leaf)
@@ -184,6 +188,11 @@ def load_pretrained(build: Callable[[int], nnx.Module], source: str | os.PathLik
     another ``num_classes`` the head is left fresh (fine-tuning) and a warning says so."""
     shown = str(source)
     try:
+        if isinstance(source, str) and source in list_pretrained():
+            entry = pretrained_cfg(source)
+            if arch and entry.arch != arch:
+                raise WeightsError(f"these weights are a {entry.arch}'s, not a {arch}'s")
+            source, sha256 = entry.file, entry.sha256
         path = fetch(source, cache_dir, sha256) if is_url(source) else Path(source).expanduser()
         if not path.exists():
             raise WeightsError("no such file or directory")
@@ -196,15 +205,16 @@ def load_pretrained(build: Callable[[int], nnx.Module], source: str | os.PathLik
                 raise WeightsError("no classifier head (fc.kernel) in the Orbax checkpoint")
             file_classes = int(flat["fc.kernel"].shape[-1])
             model = _build(build, file_classes, num_classes)
-            sd, layout = convert.from_nnx_arrays(model, flat), "orbax"
+            sd, layout, file_names = convert.from_nnx_arrays(model, flat), "orbax", None
         else:
             if sha256 and not is_url(source):
                 _check_sha256(path, sha256, str(path))
-            sd, layout = convert.torch_weights(path)
+            sd, layout, file_names = convert.torch_weights(path)
             file_classes = convert.head_classes(sd)
             model = _build(build, file_classes, num_classes)
         fresh = num_classes is not None and num_classes != file_classes
-        model = convert.load_named(model, sd, layout=layout, fresh_head=fresh, arch=arch)
+        model = convert.load_named(model, sd, layout=layout, file_names=file_names,
+                                   fresh_head=fresh, arch=arch)
     except WeightsError as e:
         raise type(e)(f"{shown}: {e}") from e
     if fresh:

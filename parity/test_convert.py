@@ -68,11 +68,17 @@ def test_cli_round_trip(ref, tmp_path):
     src, back = tmp_path / "in.pth", tmp_path / "back.pth"
     torch.save({"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, src)
     main(["--arch", "resnet20", str(src), str(tmp_path / "orbax")])
-    main(["--arch", "resnet20", "--to-torch", str(tmp_path / "orbax"), str(back)])
+    main(["--arch", "resnet20", str(tmp_path / "orbax"), str(back)])
     loaded = torch.load(back, weights_only=True)
     fresh = create_torch_model("resnet20")
     fresh.load_state_dict(loaded, strict=True)
     assert all(torch.equal(loaded[k], v) for k, v in ref.state_dict().items()
+               if not k.endswith("num_batches_tracked"))
+    from safetensors.torch import load_file  # PyTorch reads the shipped format as it is
+
+    main(["--arch", "resnet20", str(back), str(tmp_path / "w.safetensors")])
+    fresh.load_state_dict(load_file(tmp_path / "w.safetensors"), strict=True)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in ref.state_dict().items()
                if not k.endswith("num_batches_tracked"))
 
 

@@ -16,8 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from flaxres.weights import newest_step
-from train import checkpoint, cifar, loop, parallel, synthetic
+from flaxres.checkpoint import newest_step
+from flaxres import checkpoint
+from train import cifar, loop, parallel, synthetic
 from train.config import Config
 
 # Each test runs several JAX processes: under pytest-xdist they take turns on one worker.

@@ -268,7 +268,7 @@ def test_cpu_ops_rejects_unknown_backend():
 
 
 def test_cli_flags_select_the_backend():
-    from parity.speed import cli
+    from bench.speed import cli
     from train import cifar, loop
 
     for argv in (["--cpu-conv", "xla", "--no-fast-ops"], ["--no-fast-ops"]):
@@ -282,7 +282,7 @@ def test_cli_flags_select_the_backend():
 def test_default_falls_back_to_xla_without_the_extension(monkeypatch, capsys):
     """oneDNN is the default where it is built; without it the tools run XLA's convolutions,
     with one note (train.cifar) and no error, and CpuOps() warns once and traces lax."""
-    from parity.speed import cli
+    from bench.speed import cli
     from train import cifar
 
     monkeypatch.setattr(onednn, "_load_once", lambda: "simulated: no extension here")
@@ -297,7 +297,7 @@ def test_default_falls_back_to_xla_without_the_extension(monkeypatch, capsys):
 
 @needs_extension
 def test_cli_flags_select_onednn():
-    from parity.speed import cli
+    from bench.speed import cli
     from train import cifar, loop
 
     args = cli.parse_args(["--cpu-conv", "onednn"])
@@ -309,15 +309,15 @@ def test_cli_flags_select_onednn():
     assert loop.build_model(cfg).conv1.conv_general_dilated.cpu == ONEDNN
 
 
-@pytest.mark.parametrize("prog", ["parity.speed", "train.cifar"])
+@pytest.mark.parametrize("prog", ["bench.speed", "train.cifar"])
 def test_cli_onednn_without_extension_is_a_clear_error(prog, monkeypatch, capsys):
     """--cpu-conv onednn where the extension is missing: exit 2, one line naming the flag and
     the cause (an A/B measurement must not silently time XLA)."""
-    from parity.speed import cli
+    from bench.speed import cli
     from train import cifar
 
     monkeypatch.setattr(onednn, "_load_once", lambda: "simulated: extension not built")
-    parse = cli.parse_args if prog == "parity.speed" else cifar.parse_args
+    parse = cli.parse_args if prog == "bench.speed" else cifar.parse_args
     with pytest.raises(SystemExit) as exit_info:
         parse(["--cpu-conv", "onednn"])
     assert exit_info.value.code == 2

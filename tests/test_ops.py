@@ -1,6 +1,6 @@
 """flaxres.ops.conv_general_dilated computes the same function as lax.conv_general_dilated.
 
-Correctness only (outputs and both gradients to fp32 noise); speed lives in ``python -m parity.speed``.
+Correctness only (outputs and both gradients to fp32 noise); speed lives in ``python -m bench.speed``.
 """
 
 import os

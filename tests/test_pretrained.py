@@ -196,12 +196,47 @@ def test_safetensors_file(tmp_path):
     _assert_same_logits(flaxres.create_model("resnet20", pretrained=path), akamaster())
 
 
-def test_mixed_layouts_and_wrappers_are_ambiguous():
+# A hand-written module, as tutorials write them, may take each name from another repository:
+# (head, projection shortcut) as its attributes call them.
+MIXED = (("fc", "shortcut"), ("linear", "downsample"))
+WRAPPERS = (lambda sd: {"net": _dp(sd)}, lambda sd: {"state_dict": sd},
+            lambda sd: {"model": _dp(sd), "epoch": 3}, lambda sd: sd)
+HAND_WRITTEN_DEFAULT = ("resnet20", "plain20", "resnet164", "resnet18_cifar", "resnet50",
+                        "resnext29_8x64d")
+
+
+def _hand_written(sd: dict, head: str, shortcut: str) -> dict:
+    """``sd`` (torchvision's names) as saved from a module with these attribute names."""
+    return {re.sub(r"^(layer\d+\.\d+\.)downsample\.", rf"\1{shortcut}.",
+                   re.sub(r"^fc\.", f"{head}.", k)): v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=() if a in HAND_WRITTEN_DEFAULT
+                                               else pytest.mark.full)
+                                  for a in flaxres.list_models()])
+def test_every_architecture_loads_a_hand_written_module_that_mixes_conventions(arch, tmp_path):
+    i = flaxres.list_models().index(arch)
+    torch.manual_seed(i)
+    ref = _randomise_bn(create_torch_model(arch, num_classes=7))
+    head, shortcut = MIXED[i % len(MIXED)]
+    path = tmp_path / "ckpt.pth"
+    torch.save(WRAPPERS[i % len(WRAPPERS)](_hand_written(ref.state_dict(), head, shortcut)), path)
+    model = flaxres.create_model(arch, pretrained=path)
+    assert model.fc.kernel.shape[-1] == 7
+    _assert_same_logits(model, ref, size=64 if flaxres.model_stem(arch) == "imagenet" else 32)
+
+
+def test_aliases_of_one_parameter_and_wrappers_are_ambiguous():
     sd = dict(akamaster().state_dict())
     sd["fc.weight"] = sd["linear.weight"]
-    with pytest.raises(WeightsError, match="ambiguous state dict: it mixes layouts "
-                                           r"\(heads: fc, linear"):
+    with pytest.raises(WeightsError, match="ambiguous state dict: 'fc.weight' and "
+                                           "'linear.weight' are aliases of one parameter"):
         from_torch("resnet20", sd)
+    sd = dict(kuangliu().state_dict())
+    sd["layer2.0.downsample.0.weight"] = sd["layer2.0.shortcut.0.weight"]
+    with pytest.raises(WeightsError, match="'layer2.0.downsample.0.weight' and "
+                                           "'layer2.0.shortcut.0.weight' are aliases"):
+        from_torch("resnet18_cifar", sd)
     with pytest.raises(WeightsError, match="ambiguous checkpoint: state dicts under 'state_dict', 'net'"):
         from_torch("resnet20", {"state_dict": akamaster().state_dict(),
                                 "net": akamaster().state_dict()})
@@ -237,7 +272,8 @@ def test_other_num_classes_gives_a_fresh_head_and_says_so(tmp_path, caplog):
 def _train_cifar_checkpoint(root: Path, arch: str = "resnet20", mesh=None) -> Path:
     """A ``<workdir>/checkpoints/best/<step>`` exactly as train.cifar writes it (replicated over
     ``mesh``'s devices if given)."""
-    from train import checkpoint, optim, steps
+    from flaxres import checkpoint
+    from train import optim, steps
 
     model = from_torch(arch, akamaster().state_dict())
     _, _, state = steps.init_state(model, optim.sgd(0.1), 0)

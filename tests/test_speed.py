@@ -1,4 +1,4 @@
-"""parity.speed: its flags parse, the package imports no framework before the thread settings,
+"""bench.speed: its flags parse, the package imports no framework before the thread settings,
 the FLOP counter gives ResNet-20's 40.55M multiply-adds, and the precision policy is set alike
 in both frameworks and recorded."""
 
@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import flaxres
-from parity.speed import cli, flops, report
+from bench.speed import cli, flops, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,12 +35,12 @@ def test_flags_parse_with_their_defaults_and_refuse_unknown_values(capsys):
 
 def test_help_runs_without_importing_jax_or_torch():
     """XLA_FLAGS and the core pinning must be set before jax is imported."""
-    code = ("import sys; from parity.speed import cli; "
+    code = ("import sys; from bench.speed import cli; "
             "print(sorted(m for m in ('jax', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "[]"
-    out = subprocess.run([sys.executable, "-m", "parity.speed", "--help"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "bench.speed", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True, timeout=60)
     assert "--matmul-precision {highest,tf32}" in out.stdout
 
@@ -60,7 +60,7 @@ def test_precision_policy_is_set_in_both_frameworks_and_restored():
     torch = pytest.importorskip("torch")
     import jax
 
-    from parity.speed import precision
+    from bench.speed import precision
 
     before = precision.describe()
     with precision.policy("highest") as p:
@@ -117,7 +117,7 @@ def test_rounds_keep_each_frameworks_median_round():
 def test_tiny_run_writes_json_and_markdown(tmp_path):
     """The whole CLI, both frameworks in one process, 1 rep of a batch of 4 (~1 min on 2 cores)."""
     out = subprocess.run(
-        [sys.executable, "-m", "parity.speed", "--batch-size", "4", "--reps", "1", "--warmup",
+        [sys.executable, "-m", "bench.speed", "--batch-size", "4", "--reps", "1", "--warmup",
          "0", "--threads", "1", "--interleave", "--frameworks", "flaxres-jit,torch-eager",
          "--skip-e2e", "--matmul-precision", "tf32", "--json", str(tmp_path / "r.json"),
          "--md", str(tmp_path / "r.md")],
@@ -134,12 +134,12 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
 
 
 def test_profile_classifies_the_compiled_step():
-    """parity.speed.profile names each thunk by its HLO instruction: convolutions, fusions with a
+    """bench.speed.profile names each thunk by its HLO instruction: convolutions, fusions with a
     reduction, and the backward pass (where JAX's metadata names it) are told apart in a compiled
     gradient."""
     import jax
 
-    from parity.speed import profile
+    from bench.speed import profile
 
     def loss(w, x):
         y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
@@ -156,7 +156,7 @@ def test_profile_classifies_the_compiled_step():
 def test_profile_names_multi_output_custom_calls():
     """A custom call with several results (oneDNN's BatchNorm: output, mean, variance,
     workspace) has a tuple type; it is named by its target like the single-output ones."""
-    from parity.speed import profile
+    from bench.speed import profile
 
     hlo = ("ENTRY %main (p: f32[2,4,4,8]) -> f32[2,4,4,8] {\n"
            "  %bn = (f32[2,4,4,8]{3,2,1,0}, f32[8]{0}, f32[8]{0}, u8[256]{0}) custom-call("
@@ -165,9 +165,9 @@ def test_profile_names_multi_output_custom_calls():
 
 
 def test_per_convolution_timings_cover_every_shape_and_variant():
-    """parity.speed.convs: flaxres's three oneDNN variants and PyTorch's convolution per shape."""
+    """bench.speed.convs: flaxres's three oneDNN variants and PyTorch's convolution per shape."""
     from flaxres.cpu import onednn
-    from parity.speed import convs
+    from bench.speed import convs
 
     want = {f"{hw}x{hw}x{c}" for hw, c in convs.SHAPES}
     got = convs.time_torch(batch=2, reps=1)
@@ -178,9 +178,9 @@ def test_per_convolution_timings_cover_every_shape_and_variant():
 
 
 def test_kernel_log_lines_of_both_onednn_versions_are_read():
-    """parity.speed.kernels reads oneDNN 3.2's verbose lines (flaxres) and 3.12's (PyTorch),
+    """bench.speed.kernels reads oneDNN 3.2's verbose lines (flaxres) and 3.12's (PyTorch),
     sums them per convolution shape and per batch, and ignores everything else."""
-    from parity.speed import kernels
+    from bench.speed import kernels
 
     shape = "mb128_ic16oc32_ih32oh16kh3sh2dh0ph1_iw32ow16kw3sw2dw0pw1"
     old = ("onednn_verbose,exec,cpu,convolution,brgconv:avx2,forward_training,src_f32::blocked:"
@@ -203,7 +203,7 @@ def test_kernel_log_lines_of_both_onednn_versions_are_read():
 
 
 def test_kernels_name_the_failing_worker_in_one_line(capsys):
-    from parity.speed import kernels
+    from bench.speed import kernels
 
     with pytest.raises(SystemExit) as e:
         kernels.main(["--arch", "resnet21", "--rounds", "1", "--reps", "1", "--batch", "2"])
@@ -216,7 +216,7 @@ def test_kernels_name_the_failing_worker_in_one_line(capsys):
 
 @pytest.mark.parametrize("argv", [["--rounds", "0"], ["--rounds", "two"]])
 def test_speed_commands_refuse_counts_below_one(argv, capsys):
-    from parity.speed import cli, convs
+    from bench.speed import cli, convs
 
     for parse in (convs.main, cli.parse_args):
         with pytest.raises(SystemExit):

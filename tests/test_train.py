@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from parity import accuracy_table
-from train import checkpoint, cifar, host, inference, loop, synthetic
+from flaxres import checkpoint
+from train import cifar, host, inference, loop, synthetic
 from train.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]

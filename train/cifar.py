@@ -23,7 +23,8 @@ import jax
 
 from flaxres.cpu import onednn
 from flaxres.cpu.malloc import retain_freed_memory
-from train import checkpoint, data, inference, loop, parallel
+from flaxres import checkpoint
+from train import data, inference, loop, parallel
 from train.config import Config
 
 # This module only parses flags and dispatches: the loop is train.loop, --eval-only and

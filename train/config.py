@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 
 import optax
 
+from flaxres.registry import CIFAR_MEAN, CIFAR_STD
 from train import optim
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the seeds' normalisation (kuangliu / akamaster)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
 def _f(default, help: str, **kw):

@@ -27,7 +27,7 @@ def cpu_name() -> str:
 
 def host() -> dict:
     """This machine as results files record it."""
-    import flax  # when called: parity.speed imports its callers before it needs JAX
+    import flax  # when called: bench.speed imports its callers before it needs JAX
     import jax
 
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "jax": jax.__version__,

@@ -3,16 +3,25 @@ classifying image files."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 
-from train import checkpoint, data, parallel
+import flaxres
+from flaxres import checkpoint, weights
+from train import data, parallel
 from train.config import Config
 from train.loop import Run, evaluate, make_eval_set, setup, zero_metrics
 
 
 def restore(cfg: Config) -> tuple[Config, Run, dict]:
     """The run saved at ``--checkpoint``: its config (``--data-dir``/``--cache-dir`` may be
-    overridden), a :class:`Run` holding its state, and its metadata."""
+    overridden), a :class:`Run` holding its state, and its metadata. ``--checkpoint`` may also
+    name weights alone (a shipped set's name, a weights file or URL), evaluated as ``--arch``
+    (or the set's architecture) with the flags' recipe."""
+    if not Path(cfg.checkpoint).expanduser().is_dir():
+        return _restore_weights(cfg)
     directory, step = checkpoint.resolve(cfg.checkpoint)
     meta = checkpoint.restore_meta(directory, step)
     saved = Config.from_dict(meta["config"])
@@ -25,6 +34,25 @@ def restore(cfg: Config) -> tuple[Config, Run, dict]:
     if parallel.is_main_process():
         print(f"loaded {saved.arch} from {directory / str(step)} (epoch {meta['epoch']})")
     return saved, run, meta
+
+
+def _restore_weights(cfg: Config) -> tuple[Config, Run, dict]:
+    """A :class:`Run` for weights without a training state; a shipped set brings its own
+    architecture and normalisation."""
+    saved = dataclasses.replace(cfg, init_from=cfg.checkpoint)
+    if cfg.checkpoint in flaxres.list_pretrained():
+        entry = flaxres.pretrained_cfg(cfg.checkpoint)
+        saved = dataclasses.replace(saved, arch=entry.arch, mean=entry.mean, std=entry.std)
+    elif not (Path(cfg.checkpoint).expanduser().exists() or weights.is_url(cfg.checkpoint)):
+        raise checkpoint.CheckpointError(
+            f"--checkpoint {cfg.checkpoint}: no such file or directory, and no shipped weights "
+            f"of that name (flaxres.list_pretrained(): {', '.join(flaxres.list_pretrained())})")
+    run = setup(saved, None)
+    classes = (data.CIFAR10_CLASSES if saved.dataset == "cifar10"
+               else tuple(map(str, range(saved.num_classes))))
+    if parallel.is_main_process():
+        print(f"loaded {saved.arch} from {cfg.checkpoint}")
+    return saved, run, {"classes": classes}
 
 
 def evaluate_checkpoint(cfg: Config) -> dict[str, float]:

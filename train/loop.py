@@ -29,8 +29,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import flaxres
-from flaxres.weights import newest_step
-from train import checkpoint, data, finetune, host, parallel, steps
+from flaxres import checkpoint
+from flaxres.checkpoint import newest_step
+from train import data, finetune, host, parallel, steps
 from train.config import Config
 from train.report import Report
 

@@ -3,13 +3,13 @@
 XLA:CPU mallocs each executable's temporary buffer once per call (≈ 290 MB for a ResNet-20 train
 step at batch 128), on a thread of its own pool. glibc serves a request that large with a fresh
 ``mmap``: a thread's non-main arena holds at most 64 MB, and the main arena's mmap threshold stops
-adapting at 32 MB. So every step page-faults its whole working set in again (61,000-73,000 minor
-faults and 0.14-0.18 s of system time per ResNet-20 train step, docs/performance.md). PyTorch
-pays less (30,000 faults, 78 ms per step): its tensors are allocated one by one.
+adapting at 32 MB. So every step page-faults its whole working set in again, spending a large
+share of the step in the kernel (docs/performance.md). PyTorch pays less: its tensors are
+allocated one by one, most of them below the adaptive threshold.
 
 One arena and thresholds above any step's size keep the freed block in the heap for the next
 call. The settings are process-wide, so the command-line tools apply them (both frameworks alike in
-``parity.speed``); the library never does so on import.
+``bench.speed``); the library never does so on import.
 """
 
 from __future__ import annotations

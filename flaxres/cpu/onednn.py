@@ -1,6 +1,6 @@
 """oneDNN convolutions and BatchNorm on the CPU, called from the traced program through ``jax.ffi``.
 
-XLA:CPU's convolutions run at ≈ 40% of oneDNN's speed on ResNet shapes (docs/onednn.md). The C++
+XLA:CPU's convolutions are slower than oneDNN's on ResNet shapes (docs/performance.md). The C++
 extension (``flaxres/csrc``, built by ``pip install``, optional) exposes oneDNN's forward,
 backward-data and backward-weights convolutions as XLA FFI handlers; :func:`conv` joins them with
 ``jax.custom_vjp``. :func:`batch_norm` does the same for train-mode BatchNorm with its ReLU fused

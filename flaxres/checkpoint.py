@@ -1,0 +1,108 @@
+"""The training checkpoint format: ``<workdir>/checkpoints/{last,best}/<step>/{state,meta}``.
+
+The library owns it, so that :mod:`flaxres.weights` reads a workdir without knowing any trainer,
+and the trainers write it through :func:`save`. ``state`` is an Orbax tree ``{"state": TrainState,
+"metrics": ...}`` whose ``TrainState`` holds ``params`` and ``batch_stats`` (plus optimizer
+state and the partial-epoch metric sums, so a run stopped mid-epoch resumes with identical epoch
+metrics); ``meta`` is JSON: epoch, config, history, best accuracy, class names, machines. Orbax
+writes into a temporary folder and renames it when complete, so a run killed while saving leaves
+the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINTS = "checkpoints"
+KINDS = ("best", "last")  # which kind a workdir means: the best checkpoint, else the last
+ITEMS = ("state", "meta")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or unreadable; the message names the path."""
+
+
+def _manager(directory: Path) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory.absolute(), options=options,
+                                 item_names=ITEMS)
+
+
+def save(directory: Path, step: int, tree: Any, meta: dict) -> None:
+    """Saves ``step`` unless it is already saved (a Ctrl-C right after an epoch's save)."""
+    with _manager(directory) as mngr:
+        if step in mngr.all_steps():
+            return
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                meta=ocp.args.JsonSave(meta)), force=True)
+        mngr.wait_until_finished()
+
+
+def newest_step(directory: Path) -> int | None:
+    """The highest numbered step folder in ``directory`` (Orbax's CheckpointManager layout)."""
+    if not directory.is_dir():
+        return None
+    steps = [int(d.name) for d in directory.iterdir() if d.is_dir() and d.name.isdigit()]
+    return max(steps) if steps else None
+
+
+def find_step(path: Path) -> tuple[Path, int] | None:
+    """(manager folder, newest step) under a workdir, its ``checkpoints/`` folder (meaning the
+    best checkpoint, else the last: a finished run may keep only ``last``) or
+    ``checkpoints/{best,last}``; ``None`` when there is none."""
+    for kind in KINDS:
+        for cand in (path / CHECKPOINTS / kind, path / kind):
+            if (step := newest_step(cand)) is not None:
+                return cand, step
+    if (step := newest_step(path)) is not None:
+        return path, step
+    return None
+
+
+def model_trees(tree: dict) -> list:
+    """The parts of a restored ``state`` tree that hold the model: parameters and BatchNorm
+    statistics of a training checkpoint, or the whole tree of a plain ``nnx.state`` save."""
+    if "state" in tree and "params" in tree["state"]:
+        return [tree["state"]["params"], tree["state"]["batch_stats"]]
+    return [tree]
+
+
+def resolve(path: str | Path) -> tuple[Path, int]:
+    """A workdir, its ``checkpoints/`` folder, ``checkpoints/{best,last}`` or one step folder
+    -> (manager folder, step). A workdir or ``checkpoints/`` means the best checkpoint (the
+    last where there is no best)."""
+    p = Path(path).expanduser()
+    if found := find_step(p):
+        return found
+    if p.is_dir() and p.name.isdigit() and (p / "meta").exists():
+        return p.parent, int(p.name)
+    raise CheckpointError(f"no checkpoint found at {p} (expected a workdir, its checkpoints/ "
+                          "folder, checkpoints/best or checkpoints/last, or a step folder in one)")
+
+
+def restore_meta(directory: Path, step: int) -> dict:
+    try:
+        with _manager(directory) as mngr:
+            return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises many kinds (missing files, JSON, tensorstore)
+        raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable: its metadata "
+                              f"could not be loaded ({type(e).__name__}: {e}). Delete it or point "
+                              "at another checkpoint.") from e
+
+
+def restore_state(directory: Path, step: int, target: Any) -> Any:
+    """Restores the tree saved at ``step`` with ``target``'s structure, shapes and shardings."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+        with _manager(directory) as mngr:
+            return mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable or does not fit "
+                              f"this model ({type(e).__name__}: {e}). Delete it or point at "
+                              "another checkpoint.") from e

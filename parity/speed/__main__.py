@@ -1,7 +1,0 @@
-"""``python -m parity.speed``."""
-
-import sys
-
-from parity.speed.cli import main
-
-sys.exit(main())
