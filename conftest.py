@@ -27,14 +27,13 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # set by xdist before a worker 
 import jax  # after the thread settings above, which XLA and OpenMP read once
 import pytest
 
+from train.config import add_flags
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--full", action="store_true",
                      help="also run the tests marked 'full' (whole parity matrix, long runs)")
-    parser.addoption("--cpu-conv", choices=("xla", "onednn"), default=None,
-                     help="CPU convolutions and BatchNorm of the parity suite's flaxres models "
-                          "(CpuOps.conv; default: onednn where the C++ extension is built, "
-                          "else xla)")
+    add_flags(parser, ["cpu_conv"])  # for the parity suite's flaxres models
     parser.addoption("--cases", choices=("all", "representative"), default="all",
                      help="the parity cases whose checks run: all (default) or only "
                           "parity.cases.REPRESENTATIVE's (one net per block kind), for a second "

@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flaxres.cpu.malloc import retain_freed_memory
 from bench.accuracy_table import run_length
-from parity.reference import create_torch_model
 from bench.speed import precision
 from bench.speed.report import machine
-from train import cifar, loop
 from flaxres.checkpoint import CheckpointError
-from train.config import Config
+from flaxres.cpu.malloc import retain_freed_memory
+from parity.reference import create_torch_model
+from train import cifar, loop
+from train.config import Config, add_flags
 from train.data import DataError
 
 
@@ -56,6 +56,9 @@ def torch_augment(x, gen):
     return torch.where(flip[:, None, None, None], out.flip(2), out)
 
 
+# train.cifar's flags that both frameworks share here (the rest keep Config's defaults).
+RECIPE = ("arch", "data_dir", "cache_dir", "epochs", "steps", "subset", "batch_size", "lr",
+          "momentum", "nesterov", "weight_decay", "schedule", "matmul_precision")
 # Config fields a resumed PyTorch run must share with its state file.
 TORCH_RESUME_FIXED = ("arch", "data_dir", "epochs", "steps", "subset", "seed", "batch_size",
                       "lr", "momentum", "nesterov", "weight_decay", "schedule", "augment")
@@ -193,25 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
     retain_freed_memory()  # both frameworks' runs share this process's malloc settings
     p = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet20", help="architecture (default: resnet20)")
-    p.add_argument("--data-dir", required=True, help="CIFAR source, as for train.cifar")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per run (default: 3)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="iterations per run, overriding --epochs (the paper's: 64000)")
-    p.add_argument("--subset", type=int, default=None,
-                   help="train on a fixed random N-image subset, the same for every seed "
-                        "(default: all)")
+    add_flags(p, RECIPE)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="seeds, one run per framework each (default: 0 1 2)")
-    p.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
-    p.add_argument("--lr", type=float, default=0.1, help="(default: 0.1)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 1e-4)")
-    p.add_argument("--schedule", default="paper", choices=("paper", "multistep", "cosine"),
-                   help="lr schedule compressed to the run's length (default: paper, /10 at "
-                        "50%% and 75%%)")
-    p.add_argument("--matmul-precision", default="tf32", choices=tuple(precision.POLICIES),
-                   help="fp32 matmul/convolution precision on GPUs, set alike in both "
-                        "frameworks (default: tf32)")
     p.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where PyTorch trains (default: auto, CUDA if PyTorch sees a GPU)")
     p.add_argument("--frameworks", nargs="+", default=["flax", "torch"],
@@ -264,11 +251,7 @@ def compare(args: argparse.Namespace) -> dict:
     for fw in args.frameworks:
         runs = []
         for seed in args.seeds:
-            cfg = Config(arch=args.arch, data_dir=args.data_dir, epochs=args.epochs,
-                         steps=args.steps, subset=args.subset, seed=seed,
-                         batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, schedule=args.schedule,
-                         matmul_precision=args.matmul_precision, plot=False)
+            cfg = Config(**{f: getattr(args, f) for f in RECIPE}, seed=seed, plot=False)
             print(f"{fw} seed {seed}", flush=True)
             with precision.policy(args.matmul_precision) as results["precision_policy"]:
                 if fw == "flax":

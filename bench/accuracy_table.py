@@ -1,10 +1,11 @@
 """The results table from ``bench.accuracy`` results files and ``train.cifar`` workdirs: one
-markdown row per model and recipe, with each framework's accuracy over the seeds found, the
-training time and the machine, so that a table in the README (or He et al.'s Table 6, one file
-per depth) is a command's output, not a transcription. Sources of the same recipe (one per
-framework or seed) merge into one row; a workdir is flaxres's run of its last checkpoint.
+markdown row per model and recipe, with each framework's accuracy over the seeds found and the
+gap between them, so that a table in the README (or He et al.'s Table 6, one file per depth) is
+a command's output, not a transcription. Sources of the same recipe (one per framework or seed)
+merge into one row; a workdir is flaxres's run of its last checkpoint. Each results file keeps
+its runs' times and machine; accuracy does not depend on the machine, so the table leaves them.
 
-    python -m bench.accuracy_table weights/resnet20-cifar10-jpeg docs/results/accuracy-*.json
+    python -m bench.accuracy_table docs/results/accuracy-*.json runs/my-workdir
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from scipy import stats
 from flaxres import checkpoint
 from train.config import Config
 
-HEADER = ("| model | recipe | flaxres | PyTorch reference | flaxres − PyTorch "
-          "| training time per run (flaxres / PyTorch) | machine |\n|---|---|---|---|---|---|---|")
+HEADER = ("| model | recipe | flaxres | PyTorch reference | flaxres − PyTorch |\n"
+          "|---|---|---|---|---|")
 FRAMEWORKS = ("flax", "torch")
 # Config fields bench.accuracy leaves at their defaults: a train.cifar run that set one otherwise
 # trained another recipe, and its row says so.
@@ -76,15 +77,6 @@ def from_workdir(path: Path) -> dict:
          "train_time": sum(h["epoch_time"] for h in history)}]}}
 
 
-def machine(results: dict) -> str:
-    """Where a file's runs trained; files written before the machine was recorded say it by
-    hand, or nothing."""
-    m = results.get("machine")
-    if not m or isinstance(m, str):
-        return m or "not recorded"
-    return f"{_host(m)}, PyTorch on {results['torch_device']}"
-
-
 def _host(m: dict) -> str:
     accelerators = [d for d in m["devices"] if not d.startswith("cpu")]  # JAX's, e.g. "cuda:0"
     jax_on = f"{accelerators[0].split(':')[0]} ×{len(accelerators)}" if accelerators else "CPU"
@@ -116,33 +108,24 @@ def _gap(flax: list[dict], torch: list[dict]) -> str:
     return f"{gap} (Welch's t-test p = {stats.ttest_ind(ours, theirs, equal_var=False).pvalue:.2f})"
 
 
-def _hours(runs: list[dict]) -> str:
-    return ", ".join(f"{r['train_time'] / 3600:.2f}" for r in runs) + " h" if runs else "–"
-
-
 def table(files: list[dict], names: list[str] | None = None) -> str:
     """The markdown table of ``files`` (parsed results, from the sources ``names``), rows in the
     order first seen. A seed given twice in one row is an error: the mean would count it twice."""
     groups: dict[tuple[str, str], dict] = {}
     for results, name in zip(files, names or ["?"] * len(files)):
         key = (results["config"]["arch"], recipe(results["config"]))
-        group = groups.setdefault(key, {"machines": [], "sources": {},
-                                        **{fw: [] for fw in FRAMEWORKS}})
+        group = groups.setdefault(key, {"sources": {}, **{fw: [] for fw in FRAMEWORKS}})
         for fw in FRAMEWORKS:
             for run in results["runs"].get(fw, []):
                 if (seen := group["sources"].setdefault((fw, run["seed"]), name)) != name:
                     raise ValueError(f"{name}: {fw} seed {run['seed']} of {key[0]} ({key[1]}) "
                                      f"is also in {seen}")
                 group[fw].append(run)
-        where = machine(results)
-        if where not in group["machines"]:
-            group["machines"].append(where)
     for g in groups.values():
         for fw in FRAMEWORKS:
             g[fw].sort(key=lambda run: run["seed"])
     rows = [f"| {arch} | {rec} | {_accuracy(g['flax'])} | {_accuracy(g['torch'])} | "
-            f"{_gap(g['flax'], g['torch'])} | {_hours(g['flax'])} / {_hours(g['torch'])} | "
-            f"{'; '.join(g['machines'])} |"
+            f"{_gap(g['flax'], g['torch'])} |"
             for (arch, rec), g in groups.items()]
     return "\n".join([HEADER, *rows])
 

@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 import flaxres
 from flaxres.convert import WeightsError
 from flaxres.registry import IMAGENET_MEAN, IMAGENET_STD
+
 _BATCH = 16
 
 

@@ -40,9 +40,15 @@ URL_SCHEMES = ("https://", "http://", "file://")
 _CHUNK = 1 << 20
 
 
+def cache_root() -> Path:
+    """``$FLAXRES_CACHE``, default ``~/.cache/flaxres``: downloaded weights, and the trainer's
+    decoded datasets and compiled programs."""
+    return Path(os.environ.get("FLAXRES_CACHE", Path.home() / ".cache" / "flaxres"))
+
+
 def default_cache_dir() -> Path:
-    """``$FLAXRES_CACHE/weights`` (default ``~/.cache/flaxres/weights``), beside the data cache."""
-    return Path(os.environ.get("FLAXRES_CACHE", Path.home() / ".cache" / "flaxres")) / "weights"
+    """Where downloaded weights are kept: ``weights/`` under :func:`cache_root`."""
+    return cache_root() / "weights"
 
 
 def is_url(source: str | os.PathLike) -> bool:

@@ -10,11 +10,12 @@ calibrated on a batch, converted into flaxres with ``from_torch``). Each ``check
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,6 @@ from parity import flax_side, torch_side
 from parity.cases import BATCHES, CHAOS_JITTER, CHAOS_LIMIT, TOL, Arch, Trajectory
 from parity.measure import FLOOR_FACTOR, Floor, Measure, fp32_floor, one_sided, same_classes, worst
 from train.optim import multistep_schedule, sgd
-
-jax.config.update("jax_default_matmul_precision", "highest")
 
 NP_DTYPE = {"fp32": np.float32, "fp64": np.float64}  # also flaxres's dtype / param_dtype
 # PyTorch fp32's rounding error is measured in both memory formats (different oneDNN kernels):
@@ -107,10 +106,12 @@ class Case:
     misses the tolerance, to measure how far fp32 rounding alone moves this net.
     """
 
-    def __init__(self, arch: Arch, seed: int = 0, cpu_ops: flaxres.CpuOps = flaxres.CpuOps()):
+    def __init__(self, arch: Arch, seed: int = 0, cpu_ops: flaxres.CpuOps = flaxres.CpuOps(),
+                 matmul_precision: str = "highest"):
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True)
         self.arch, self.id, self.cpu_ops = arch, arch.id, cpu_ops
+        self.matmul_precision = matmul_precision
         self.batch, self.hw, self.plan = arch.batch, arch.hw, arch.trajectory
         rng = np.random.default_rng(seed)
         self.batches = [(rng.standard_normal((self.batch, 3, self.hw, self.hw), np.float32),
@@ -125,10 +126,19 @@ class Case:
         self._models.clear()
         self._cache.clear()
 
+    @contextlib.contextmanager
+    def numerics(self, precision: str) -> Iterator[None]:
+        """flaxres at ``precision`` ("fp64": ``jax.enable_x64``) with the case's matmul and
+        convolution precision ("highest": true fp32 products; JAX's GPU default is TF32,
+        which a proof of equality must not use)."""
+        with jax.enable_x64(precision == "fp64"), jax.default_matmul_precision(
+                self.matmul_precision):
+            yield
+
     def model(self, precision: str, source=None) -> flaxres.ResNet:
         """A fresh copy of the flaxres net with the reference's weights (or ``source``'s) at
         ``precision``; fp64 models must be used inside ``jax.enable_x64(True)``."""
-        with jax.enable_x64(precision == "fp64"):
+        with self.numerics(precision):
             if precision not in self._models:
                 dt = NP_DTYPE[precision]
                 # Abstract: random initial weights would only be overwritten, and compiling
@@ -177,7 +187,7 @@ class Case:
         mode the loss, gradients and BatchNorm statistics."""
         def run():
             _, jx, y = self._x(0 if train else -2, precision)
-            with jax.enable_x64(precision == "fp64"):
+            with self.numerics(precision):
                 out = {}
                 model = self.model(precision)
                 model.train() if train else model.eval()
@@ -196,7 +206,7 @@ class Case:
         ``feats``: apart, as only the features check needs them."""
         def run():
             _, jx, _ = self._x(0 if train else -2, precision)
-            with jax.enable_x64(precision == "fp64"):
+            with self.numerics(precision):
                 model = self.model(precision)
                 model.train() if train else model.eval()
                 return {"feats": [np.asarray(f) for f in flax_side.features(model, jx)]}
@@ -351,7 +361,7 @@ class Case:
         """flaxres's run of the case's trajectory: whole-compiled steps for nets of a few blocks, else the
         jitted-blocks path of the other checks; ``before_step(step, model, opt_state)`` sees
         the weights and the optimiser state (:func:`momentum_buffers`) each step starts from."""
-        with jax.enable_x64(precision == "fp64"):
+        with self.numerics(precision):
             model = self.model(precision)
             model.train()
             tx = sgd(trajectory_schedule(self.plan), momentum=self.plan.momentum,
@@ -499,7 +509,7 @@ class Case:
             torch.save({"epoch": 3, "state_dict": torch.nn.DataParallel(ref).state_dict(),
                         "optimizer": opt.state_dict()}, wrapped)
             for label, path in (("bare", bare), ("DataParallel", wrapped)):
-                with jax.enable_x64(True):
+                with self.numerics("fp64"):
                     model = self.model("fp64", source=path)
                     model.eval()
                     j = np.asarray(flax_side.forward(model, jx)[0])
@@ -522,7 +532,7 @@ class Case:
         tolerance (in fp32, resnet164's stage-3 features did: 1.7e-4, jitted against eager)."""
         _, jx, _ = self._x(0, "fp64")
         pairs = []
-        with jax.enable_x64(True):
+        with self.numerics("fp64"):
             for train in (False, True):
                 mode = "train" if train else "eval"
                 fast, plain, fast_f, plain_f = (self.model("fp64") for _ in range(4))

@@ -28,6 +28,7 @@ from parity.cases import BY_ID, CHAOS_LIMIT, PRECISIONS, TOL, TRAJ_TINY
 from parity.checks import Case
 from parity.measure import FLOOR_FACTOR, Measure
 from parity.schedules import check_schedules
+from train.config import add_flags
 
 CHECKS = ("eval", "train", "features", "grads", "optim", "trajectory", "checkpoint")
 _COLUMNS = ("eval", "train", "features", "grads", "optim", "traj_loss", "traj_state", "checkpoint")
@@ -64,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--arch", default=None, help="comma-separated case ids (default: all)")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"subset of {','.join(CHECKS)}")
-    p.add_argument("--cpu-conv", choices=("xla", "onednn"), default=None,
-                   help="CPU convolutions and BatchNorm of the flaxres models (CpuOps.conv; "
-                        "docs/onednn.md; default: onednn where the C++ extension is built, else "
-                        "xla)")
+    add_flags(p, ["cpu_conv"])
     p.add_argument("--full", action="store_true",
                    help="trajectories for every architecture too (as pytest --full)")
     args = p.parse_args(argv)

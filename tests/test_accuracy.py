@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity import accuracy
+from bench import accuracy
 from bench.accuracy import torch_augment
 from train import synthetic
 from train.config import Config
@@ -80,7 +80,7 @@ def test_torch_state_of_another_recipe_is_refused(tiny_cfg, tmp_path):
 
 def test_a_torch_file_that_is_no_run_state_is_refused(tiny_cfg, tmp_path):
     torch.save(torch.zeros(3), tmp_path / "s.pt")
-    with pytest.raises(ValueError, match=r"s\.pt: not a PyTorch run state saved by parity"):
+    with pytest.raises(ValueError, match=r"s\.pt: not a PyTorch run state saved by bench"):
         accuracy.train_torch(tiny_cfg, threads=1, state_path=tmp_path / "s.pt")
 
 

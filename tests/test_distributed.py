@@ -16,8 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from flaxres.checkpoint import newest_step
 from flaxres import checkpoint
+from flaxres.checkpoint import newest_step
 from train import cifar, loop, parallel, synthetic
 from train.config import Config
 

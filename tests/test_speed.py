@@ -166,8 +166,8 @@ def test_profile_names_multi_output_custom_calls():
 
 def test_per_convolution_timings_cover_every_shape_and_variant():
     """bench.speed.convs: flaxres's three oneDNN variants and PyTorch's convolution per shape."""
-    from flaxres.cpu import onednn
     from bench.speed import convs
+    from flaxres.cpu import onednn
 
     want = {f"{hw}x{hw}x{c}" for hw, c in convs.SHAPES}
     got = convs.time_torch(batch=2, reps=1)

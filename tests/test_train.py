@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity import accuracy_table
+from bench import accuracy_table
 from flaxres import checkpoint
 from train import cifar, host, inference, loop, synthetic
 from train.config import Config

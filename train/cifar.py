@@ -13,19 +13,16 @@ would; ``--distributed`` runs one process per host (or per accelerator).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-import types
-import typing
 
 import jax
 
+from flaxres import checkpoint
 from flaxres.cpu import onednn
 from flaxres.cpu.malloc import retain_freed_memory
-from flaxres import checkpoint
 from train import data, inference, loop, parallel
-from train.config import Config
+from train.config import Config, add_flags
 
 # This module only parses flags and dispatches: the loop is train.loop, --eval-only and
 # --predict train.inference, logs train.report, data parallelism train.parallel.
@@ -34,37 +31,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
     """argparse generated from :class:`Config`: one flag per field, its help and default."""
     p = argparse.ArgumentParser(prog="python -m train.cifar", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = typing.get_type_hints(Config)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        meta = dict(f.metadata)
-        help_ = meta.pop("help") + ("" if f.default is None else f" (default: {f.default})")
-        typ = hints[f.name]
-        if typ is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=help_)
-            continue
-        base = typ
-        if isinstance(typ, types.UnionType):  # X | None
-            base = next(a for a in typing.get_args(typ) if a is not type(None))
-        if typing.get_origin(base) is tuple:
-            p.add_argument(flag, nargs="+", type=typing.get_args(base)[0], default=f.default,
-                           help=help_, **meta)
-        else:
-            p.add_argument(flag, type=base, default=f.default, help=help_, **meta)
+    add_flags(p)
     ns = p.parse_args(argv)
     cfg = Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(ns).items()})
     if (cfg.eval_only or cfg.predict) and not cfg.checkpoint:
         p.error("--eval-only and --predict need --checkpoint PATH")
     if len(cfg.mean) != 3 or len(cfg.std) != 3:
         p.error("--mean and --std take three numbers (R G B)")
-    if cfg.cpu_conv == "onednn" and (reason := onednn.unavailable_reason()):
-        given = argv if argv is not None else sys.argv[1:]
-        if any(a.split("=")[0] == "--cpu-conv" for a in given):
-            p.error(f"--cpu-conv onednn: {reason}")
-        print(f"note: oneDNN unavailable ({reason}); using XLA's convolutions (--cpu-conv xla)",
-              file=sys.stderr)
-        cfg = dataclasses.replace(cfg, cpu_conv="xla")
+    try:
+        cfg.cpu_conv = onednn.resolve_conv(cfg.cpu_conv)
+    except ValueError as e:
+        p.error(str(e))
     if cfg.freeze_backbone and not cfg.init_from:
         p.error("--freeze-backbone needs --init-from PATH")
     if cfg.peer_timeout <= 0:

@@ -1,14 +1,20 @@
 """Training configuration: one dataclass, kept apart from the code (as flax's examples keep theirs).
 
 Each field's ``help`` metadata is the ``--help`` text of the flag of the same name
-(``batch_size`` -> ``--batch-size``); :func:`train.cifar.parse_args` builds argparse from it.
+(``batch_size`` -> ``--batch-size``); :func:`add_flags` declares those flags for every command
+that shares them (train.cifar all of them, the benchmarks and pytest a few).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+import types
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import optax
 
@@ -70,10 +76,11 @@ class Config:
                                "them use TensorFloat-32 (as PyTorch's cuDNN convolutions do by "
                                "default), 'highest' computes true fp32; the CPU always computes "
                                "fp32", choices=("tf32", "highest"))
-    cpu_conv: str = _f("onednn", "who runs fp32 convolutions and BatchNorm on the CPU: 'onednn' "
-                       "(oneDNN through jax.ffi, needs the C++ extension: without it the default "
-                       "falls back to 'xla' with a note; docs/onednn.md) or 'xla'; other "
-                       "platforms always use their own", choices=("xla", "onednn"))
+    cpu_conv: str | None = _f(None, "who runs fp32 convolutions and BatchNorm on the CPU: "
+                              "'onednn' (oneDNN through jax.ffi, needs the C++ extension; "
+                              "docs/onednn.md) or 'xla'; default: onednn where the extension is "
+                              "built, else xla; other platforms always use their own",
+                              choices=("xla", "onednn"))
     log_every: int = _f(20, "progress-bar refresh interval in steps (each refresh syncs)")
     init_from: str | None = _f(None, "start from these weights: a .pth/.pt/.th (torchvision, "
                                "akamaster or kuangliu layout), .safetensors, Orbax workdir or "
@@ -143,3 +150,29 @@ class Config:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
         return cls(**d)
+
+
+def add_flags(parser: Any, names: Iterable[str] | None = None, **defaults: Any) -> None:
+    """Declares :class:`Config`'s fields ``names`` (default: all) as flags on an argparse parser
+    or pytest's (``addoption``), with their help, type and choices; ``defaults`` overrides a
+    field's default for this command."""
+    add = getattr(parser, "add_argument", None) or parser.addoption
+    hints = typing.get_type_hints(Config)
+    wanted = None if names is None else set(names)
+    for f in dataclasses.fields(Config):
+        if wanted is not None and f.name not in wanted:
+            continue
+        default = defaults.get(f.name, f.default)
+        meta = dict(f.metadata)
+        help_ = meta.pop("help") + ("" if default is None else f" (default: {default})")
+        typ = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        if typ is bool:
+            add(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            continue
+        if isinstance(typ, types.UnionType):  # X | None
+            typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        if typing.get_origin(typ) is tuple:
+            add(flag, nargs="+", type=typing.get_args(typ)[0], default=default, help=help_, **meta)
+        else:
+            add(flag, type=typ, default=default, help=help_, **meta)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxres.weights import cache_root
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -312,7 +314,7 @@ def _read_path(path: Path, dataset: str) -> Arrays:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FLAXRES_CACHE", Path.home() / ".cache" / "flaxres"))
+    return cache_root()
 
 
 def _cache_file(cache_dir: Path, dataset: str, path: Path | None) -> Path:

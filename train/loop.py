@@ -135,7 +135,7 @@ def setup(cfg: Config, arrays: data.Arrays | None, steps_per_epoch: int = 1,
     (``steps_per_epoch`` only shapes the lr schedule, irrelevant for inference.) ``model``
     replaces the one ``cfg`` describes (parity/test_training_path.py: PyTorch's weights in
     float64)."""
-    mesh = parallel.make_mesh()
+    mesh = steps.make_mesh()
     ndev = mesh.devices.size
     if cfg.batch_size % ndev:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {ndev} devices")
@@ -144,7 +144,7 @@ def setup(cfg: Config, arrays: data.Arrays | None, steps_per_epoch: int = 1,
     model = finetune.initial_model(cfg, build_model) if model is None else model
     train_def, eval_def, state = steps.init_state(model, tx, cfg.seed)
     static = {"mean": cfg.mean, "std": cfg.std}
-    run = Run(mesh=mesh, replicated=parallel.replicated(mesh),
+    run = Run(mesh=mesh, replicated=steps.replicated(mesh),
               schedule=cfg.lr_schedule(steps_per_epoch),
               state=parallel.replicate(state, mesh), eval_def=eval_def,
               eval_batch_size=max(ndev, cfg.eval_batch_size // ndev * ndev), **static,

@@ -14,18 +14,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from train import steps
-
-
-def make_mesh() -> Mesh:
-    """All devices of all processes (``steps.make_mesh``), in ``jax.devices()`` order."""
-    return steps.make_mesh()
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return steps.replicated(mesh)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -33,7 +24,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
     Each process passes its own identical copy; nothing is sent between processes.
     """
-    sharding = replicated(mesh)
+    sharding = steps.replicated(mesh)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 

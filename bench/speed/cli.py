@@ -60,11 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-fast-ops", action="store_true",
                    help="flaxres with flaxres.CpuOps.off() (lax convolutions, autodiff "
                         "BatchNorm), for before/after comparisons")
-    p.add_argument("--cpu-conv", choices=("xla", "onednn"), default=None,
-                   help="who runs flaxres's fp32 convolutions and BatchNorm on the CPU "
-                        "(flaxres.CpuOps.conv): oneDNN through jax.ffi (docs/onednn.md) or XLA; "
-                        "recorded in the results (default: onednn where the C++ extension is "
-                        "built, else xla)")
+    from train.config import add_flags  # imports jax, as flaxres.cpu.onednn below does
+
+    add_flags(p, ["cpu_conv"])
     p.add_argument("--no-onednn-batch-norm", action="store_true",
                    help="with oneDNN convolutions, BatchNorm (train mode, and eval mode's post-ops) "
                         "on XLA instead (flaxres.CpuOps.onednn_batch_norm), for before/after "

@@ -43,9 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--reps", type=int, default=5, help="profiled steps (after warm-up)")
-    p.add_argument("--cpu-conv", choices=("xla", "onednn"), default=None,
-                   help="as bench.speed's (default: onednn where the C++ extension is built, "
-                        "else xla)")
+    from train.config import add_flags  # imports jax, as flaxres.cpu.onednn below does
+
+    add_flags(p, ["cpu_conv"])
     p.add_argument("--torch", default="torch-channels_last",
                    help="comma-separated PyTorch variants to profile (bench.speed's names)")
     p.add_argument("--top", type=int, default=12, help="rows per table")

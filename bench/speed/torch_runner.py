@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bench.speed.jax_runner import LR, MOMENTUM, WEIGHT_DECAY
 from flaxres.convert import to_torch
 from parity.reference import create_torch_model
-from bench.speed.jax_runner import LR, MOMENTUM, WEIGHT_DECAY
 
 VARIANTS = ("torch-eager", "torch-channels_last", "torch-compile")
 
