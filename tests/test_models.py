@@ -40,7 +40,18 @@ def shapes_only(name: str, **kw) -> flaxres.ResNet:
 
 @pytest.mark.parametrize("name,count", sorted(IMAGENET_COUNTS.items()))
 def test_imagenet_param_counts(name, count):
-    assert flaxres.count_params(shapes_only(name, num_classes=1000)) == count
+    assert flaxres.count_params(shapes_only(name)) == count  # 1000 classes by default
+
+
+@pytest.mark.parametrize("name", flaxres.list_models())
+def test_each_architecture_carries_its_defaults(name):
+    cfg = flaxres.default_cfg(name)
+    imagenet = flaxres.model_stem(name) == "imagenet"
+    assert (cfg.num_classes, cfg.input_size) == ((1000, 224) if imagenet else (10, 32))
+    assert (cfg.mean, cfg.std) == ((flaxres.registry.IMAGENET_MEAN, flaxres.registry.IMAGENET_STD)
+                                   if imagenet else
+                                   (flaxres.registry.CIFAR_MEAN, flaxres.registry.CIFAR_STD))
+    assert shapes_only(name).fc.kernel.shape[-1] == cfg.num_classes
 
 
 @pytest.mark.parametrize("name,count", sorted(CIFAR_COUNTS.items()))

@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 
 import flaxres
 from flaxres import checkpoint
+from flaxres.cpu import onednn
 from flaxres.checkpoint import newest_step
 from train import data, finetune, host, parallel, steps
 from train.config import Config
@@ -76,7 +77,7 @@ def build_model(cfg: Config) -> flaxres.ResNet:
     ``flaxres.cifar_resnet`` (e.g. resnet8, handy for quick experiments), whose error names the
     valid depths."""
     dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
-    cpu_ops = flaxres.CpuOps(conv=cfg.cpu_conv)
+    cpu_ops = flaxres.CpuOps(conv=onednn.resolve_conv(cfg.cpu_conv))
     m = re.fullmatch(r"resnet(\d+)", cfg.arch)
     if cfg.arch not in flaxres.list_models() and m:
         return flaxres.cifar_resnet(int(m.group(1)), num_classes=cfg.num_classes, dtype=dtype,

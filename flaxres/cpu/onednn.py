@@ -110,19 +110,17 @@ def library() -> ctypes.CDLL | None:
     return loaded
 
 
-def default_conv() -> str:
-    """``"onednn"`` where the extension loads, else ``"xla"`` (without a warning): the
-    command-line tools' default for ``--cpu-conv``."""
-    return "onednn" if unavailable_reason() is None else "xla"
-
-
 def resolve_conv(requested: str | None) -> str:
-    """A tool's ``--cpu-conv`` value: :func:`default_conv` where none was given; raises
-    ValueError naming the flag and the cause where ``"onednn"`` was asked for and cannot run (an
-    A/B measurement must not silently time XLA twice)."""
+    """A ``--cpu-conv`` value or ``Config.cpu_conv`` as the one choice every tool makes: None
+    means ``"onednn"`` where the extension loads, else ``"xla"`` with the one warning
+    :func:`library` gives; an explicit ``"onednn"`` that cannot run raises ValueError naming the
+    flag and the cause (an A/B measurement must not silently time XLA twice)."""
+    reason = unavailable_reason()
     if requested is None:
-        return default_conv()
-    if requested == "onednn" and (reason := unavailable_reason()):
+        if reason:
+            _warn_once(reason)
+        return "xla" if reason else "onednn"
+    if requested == "onednn" and reason:
         raise ValueError(f"--cpu-conv onednn: {reason}")
     return requested
 
