@@ -49,32 +49,28 @@ class PretrainedCfg:
         return ZOO / self.name / "README.md"
 
 
-def _cifar_run(arch: str, epochs: int) -> str:
-    return (f"python -m train.cifar --arch {arch} --data-dir cifar10-jpeg.tar.gz --epochs {epochs} "
-            "--schedule cosine --weight-decay 5e-4 --seed 0")
+def _cifar10_jpeg(arch: str, schedule: str, sha256: str, top1: float) -> PretrainedCfg:
+    """A set that ``train.cifar`` trained on the JPEG copy: ``schedule`` "cos<epochs>" (cosine,
+    weight decay 5e-4) or "64k" (He et al.'s recipe, the trainer's defaults)."""
+    length = ("--steps 64000" if schedule == "64k" else
+              f"--epochs {schedule.removeprefix('cos')} --schedule cosine --weight-decay 5e-4")
+    recipe = f"python -m train.cifar --arch {arch} --data-dir cifar10-jpeg.tar.gz {length} --seed 0"
+    return PretrainedCfg(arch, f"cifar10_jpeg_{schedule}", sha256, recipe, _JPEG_DATA, top1)
 
 
 _SETS = (  # an architecture's first set is what create_model(arch, pretrained=True) loads
-    PretrainedCfg("resnet20", "cifar10_jpeg_cos90",
-                  "b8132a865efe9afd28ecd16f6eb26af9c2da15f31bb0e5063fd8b98e6b03ae4e",
-                  _cifar_run("resnet20", 90), _JPEG_DATA, 0.8828),
-    PretrainedCfg("resnet20", "cifar10_jpeg_64k",
-                  "93c14e55e988a6f8869dbce7b94314bd08d2d800fb81a40a4b2aa450637a9f42",
-                  "python -m train.cifar --arch resnet20 --data-dir cifar10-jpeg.tar.gz "
-                  "--steps 64000 --seed 0  # He et al.'s recipe: /10 at 32k and 48k, wd 1e-4",
-                  _JPEG_DATA, 0.8774),
-    PretrainedCfg("resnet20", "cifar10_jpeg_cos30",
-                  "c1d2fed9791626e512cdc81f4f474f4e966781b44b77ea9b312a1feaf4c318c9",
-                  _cifar_run("resnet20", 30), _JPEG_DATA, 0.8691),
-    PretrainedCfg("resnet32", "cifar10_jpeg_cos30",
-                  "a8f334bdd12e6bd0a28d38fd7841ad7827f0ec09a6c6d281b58904135065d0ce",
-                  _cifar_run("resnet32", 30), _JPEG_DATA, 0.8801),
-    PretrainedCfg("resnet44", "cifar10_jpeg_cos30",
-                  "bcfde07e77fca0f66304a4e3633b05fe2205e6890e8cb13571dbdbd2f5f8a16c",
-                  _cifar_run("resnet44", 30), _JPEG_DATA, 0.8821),
-    PretrainedCfg("resnet56", "cifar10_jpeg_cos30",
-                  "8adea9e9b51b4d944b44afd2d2503a853dc883c509d750afe8918dcb136f1e23",
-                  _cifar_run("resnet56", 30), _JPEG_DATA, 0.8776),
+    _cifar10_jpeg("resnet20", "cos90",
+                  "b8132a865efe9afd28ecd16f6eb26af9c2da15f31bb0e5063fd8b98e6b03ae4e", 0.8828),
+    _cifar10_jpeg("resnet20", "64k",
+                  "93c14e55e988a6f8869dbce7b94314bd08d2d800fb81a40a4b2aa450637a9f42", 0.8774),
+    _cifar10_jpeg("resnet20", "cos30",
+                  "c1d2fed9791626e512cdc81f4f474f4e966781b44b77ea9b312a1feaf4c318c9", 0.8691),
+    _cifar10_jpeg("resnet32", "cos30",
+                  "a8f334bdd12e6bd0a28d38fd7841ad7827f0ec09a6c6d281b58904135065d0ce", 0.8801),
+    _cifar10_jpeg("resnet44", "cos30",
+                  "bcfde07e77fca0f66304a4e3633b05fe2205e6890e8cb13571dbdbd2f5f8a16c", 0.8821),
+    _cifar10_jpeg("resnet56", "cos30",
+                  "8adea9e9b51b4d944b44afd2d2503a853dc883c509d750afe8918dcb136f1e23", 0.8776),
 )
 _BY_NAME = {s.name: s for s in _SETS}
 

@@ -60,7 +60,7 @@ OPTIM = ("parity/test_optim.py::test_sgd_step[resnet20]",) + TRAINING_PATH
 CONVERT = ("parity/test_layouts.py", "parity/test_convert.py")
 
 MUTANTS = [
-    # The ten bugs planted by hand in issue 16.
+    # Bugs planted by hand in copies of the code.
     Mutant("cosine_warmup_total", "train/optim.py",
            "optax.cosine_decay_schedule(base_lr, max(total_steps - warmup_steps, 1))",
            "optax.cosine_decay_schedule(base_lr, total_steps)", SCHEDULES),

@@ -31,7 +31,6 @@ from jax.sharding import Mesh
 import flaxres
 from flaxres import checkpoint
 from flaxres.cpu import onednn
-from flaxres.checkpoint import newest_step
 from train import data, finetune, host, parallel, steps
 from train.config import Config
 from train.report import Report
@@ -232,7 +231,7 @@ class Checkpoints:
         A workdir that holds a run is an error without ``--resume``."""
         progress = Progress(zero_metrics(run))
         last = self.dir / "last"
-        step = newest_step(last)
+        step = checkpoint.newest_step(last)
         if step is None:
             if self.cfg.resume:
                 report.say(f"--resume: no checkpoint in {last}; starting from scratch")
@@ -367,7 +366,7 @@ def train(cfg: Config, on_step: Callable[[int], None] | None = None) -> dict:
             raise SystemExit(130) from None
         except Diverged as e:
             print(f"\nstopped: {e}. The last good checkpoint ({ckpts.dir / 'last'}, step "
-                  f"{newest_step(ckpts.dir / 'last')}) is kept; try a lower --lr or "
+                  f"{checkpoint.newest_step(ckpts.dir / 'last')}) is kept; try a lower --lr or "
                   "--warmup on.", file=sys.stderr)
             raise SystemExit(1) from None
     return summarize(progress, selection_metric(run), report)
