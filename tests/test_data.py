@@ -49,6 +49,23 @@ def test_every_format_decodes_to_the_same_arrays(tmp_path, arrays, writer, tar):
     _same(got, arrays)
 
 
+@pytest.mark.parametrize("tar", [False, True], ids=["folder", "tar.gz"])
+@pytest.mark.parametrize("writer", [synthetic.write_cifar100_python,
+                                    synthetic.write_cifar100_binary], ids=["python", "binary"])
+def test_cifar100_archives_give_the_fine_labels(tmp_path, writer, tar):
+    """Known images with fine labels 0..99 and coarse labels that differ from them: exactly the
+    images, the 100 fine labels and their names come back, never the 20 coarse ones."""
+    arrays = synthetic.make_arrays(300, 200, num_classes=100, seed=5)
+    _, ytr, _, yte = arrays
+    coarse = ((ytr * 7 + 3) % 20, (yte * 7 + 3) % 20)
+    src = writer(tmp_path / "src", arrays, coarse, tar=tar)
+    got = data.load_arrays("cifar100", str(src), str(tmp_path / "cache"))
+    for have, want in zip((got.train_images, got.train_labels, got.test_images, got.test_labels),
+                          arrays):
+        np.testing.assert_array_equal(have, want)
+    assert got.classes == tuple(f"fine{i:02d}" for i in range(100))
+
+
 def test_cache_is_written_and_used(tmp_path, arrays, monkeypatch):
     src = synthetic.write_cifar10_python(tmp_path / "src", arrays, tar=True)
     data.load_arrays("cifar10", str(src), str(tmp_path / "cache"))

@@ -18,6 +18,7 @@ import pytest
 
 from flaxres import checkpoint
 from flaxres.checkpoint import newest_step
+from tests.test_train import by_hand
 from train import cifar, loop, parallel, synthetic
 from train.config import Config
 
@@ -25,7 +26,7 @@ from train.config import Config
 pytestmark = pytest.mark.xdist_group("distributed")
 
 ROOT = Path(__file__).resolve().parents[1]
-N_TRAIN, N_TEST, BATCH = 128, 32, 32  # 4 steps per epoch
+N_TRAIN, N_TEST, BATCH = 128, 33, 32  # 4 steps per epoch; 33 test images: 2 eval batches, padded
 COMMON = ["--arch", "resnet8", "--batch-size", str(BATCH), "--eval-batch-size", "32",
           "--log-every", "2", "--no-plot"]
 TIMING = ("epoch_time", "img_per_s")
@@ -80,14 +81,19 @@ def history(workdir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(ln).items() if k not in TIMING} for ln in lines]
 
 
-def final_params(workdir: Path) -> np.ndarray:
-    """The last checkpoint's parameters and BatchNorm statistics, restored on this process's
-    one device whatever the device count that saved them."""
+def last_run(workdir: Path) -> loop.Run:
+    """The last checkpoint, restored on this process's one device whatever the device count
+    that saved it."""
     run = loop.setup(Config(arch="resnet8", batch_size=BATCH), None)
     last = workdir / "checkpoints" / "last"
-    tree = checkpoint.restore_state(last, newest_step(last),
-                                    {"state": run.state, "metrics": loop.zero_metrics(run)})
-    s = tree["state"]
+    run.state = checkpoint.restore_state(last, newest_step(last), {
+        "state": run.state, "metrics": loop.zero_metrics(run)})["state"]
+    return run
+
+
+def final_params(workdir: Path) -> np.ndarray:
+    """The last checkpoint's parameters and BatchNorm statistics."""
+    s = last_run(workdir).state
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves((s.params, s.batch_stats))])
 
 
@@ -144,6 +150,12 @@ def test_two_processes_train_like_one_process_over_the_same_devices(env, one_pro
     assert "over 2 cpu device(s) in 2 process(es)" in out0
     assert "epoch   2 |" in out0 and "epoch" not in out1  # process 0 alone logs
     assert_same_run(wd, one_process)
+    # Each process evaluates its shard of every padded batch; the reduced sums count each test
+    # image once, as its own prediction says.
+    _, _, xte, yte = synthetic.make_arrays(N_TRAIN, N_TEST, seed=0)
+    want, logged = by_hand(last_run(wd), xte, yte), history(wd)[-1]
+    assert logged["test_acc"] == pytest.approx(want["test_acc"], abs=1e-6)
+    assert logged["test_loss"] == pytest.approx(want["test_loss"], rel=1e-4)
 
 
 @pytest.mark.full

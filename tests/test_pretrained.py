@@ -484,6 +484,24 @@ def test_intermediates_equal_the_pytorch_reference(name, size):
 # ----------------------------------------------------------------------------- ImageNet predict CLI
 
 
+@pytest.mark.parametrize("width, height", [(257, 301), (301, 257), (500, 333), (333, 500),
+                                           (224, 225), (225, 224), (255, 255), (256, 256)])
+def test_predict_preprocessing_equals_torchvisions_pixel_by_pixel(width, height):
+    """``Resize(256)`` + ``CenterCrop(224)`` on odd and unequal sizes, where the resized long
+    side and the crop's offsets round (257x301 resizes to 256x299: an offset of 37.5)."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from flaxres import predict
+
+    pixels = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), np.uint8)
+    img = Image.fromarray(pixels)
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize(predict.IMAGENET_MEAN, predict.IMAGENET_STD)])
+    np.testing.assert_allclose(predict.preprocess(img), tf(img).numpy().transpose(1, 2, 0),
+                               atol=1e-6)
+
+
 def test_predict_cli_equals_torchvision(tmp_path, capsys):
     """resnet18 with random weights (a sharpened head, so the top 5 are well apart) on a
     non-square JPEG: torchvision's transform and model give the same top 5 and probabilities."""

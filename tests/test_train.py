@@ -11,16 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from bench import accuracy_table
 from flaxres import checkpoint
-from train import cifar, host, inference, loop, synthetic
+from train import cifar, host, inference, loop, steps, synthetic
 from train.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
-N_TRAIN, N_TEST, BATCH = 512, 64, 32
+# 67 test images: neither the eval batch (64) nor any device count here divides them, so the
+# evaluation pads a batch and must not count the padding.
+N_TRAIN, N_TEST, BATCH = 512, 67, 32
 SPE = N_TRAIN // BATCH  # 16 steps per epoch, about 2 s on a 2-core CPU
 COMMON = ["--arch", "resnet8", "--batch-size", str(BATCH), "--eval-batch-size", "64",
           "--log-every", "2"]
@@ -183,6 +186,32 @@ def test_divergence_stops_clearly_and_keeps_last_good_checkpoint(env, reference,
     assert len(history(wd)) == 3
 
 
+def by_hand(run: loop.Run, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Test loss and accuracy from each image's own logits, in float64, with no batching."""
+    logits = np.asarray(jax.jit(lambda s, x: steps.predict_logits(
+        run.eval_def, s, x, mean=run.mean, std=run.std))(run.state, images), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+        - logits.max(1, keepdims=True)
+    return {"test_loss": float(-logp[np.arange(len(labels)), labels].mean()),
+            "test_acc": float((logits.argmax(1) == labels).mean())}
+
+
+def test_evaluation_counts_each_test_image_once(env, reference, capsys):
+    """The last epoch's logged test loss and accuracy and ``--eval-only``'s are those of the
+    per-image predictions of the last checkpoint: padding rows count for nothing."""
+    _, _, xte, yte = env["arrays"]
+    last = reference[0] / "checkpoints" / "last"
+    cfg = cifar.parse_args(["--eval-only", "--checkpoint", str(last)])
+    _, run, _ = inference.restore(cfg)
+    want = by_hand(run, xte, yte)
+    logged = history(reference[0])[-1]
+    evaluated = inference.evaluate_checkpoint(cfg)
+    for got in (logged, evaluated):
+        assert got["test_acc"] == pytest.approx(want["test_acc"], abs=1e-6)
+        assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-5)
+    assert f"({N_TEST} images)" in capsys.readouterr().out
+
+
 def test_eval_only_reproduces_the_best_checkpoints_accuracy(env, reference, capsys):
     wd = reference[0]
     res = inference.evaluate_checkpoint(cifar.parse_args(["--eval-only", "--checkpoint", str(wd)]))
@@ -230,8 +259,8 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from train import data, loop, steps, synthetic
 from train.config import Config
-arrays = data.Arrays(*synthetic.make_arrays(128, 16, seed=0), data.CIFAR10_CLASSES)
-cfg = Config(arch="resnet8", batch_size=32, lr=0.02)
+arrays = data.Arrays(*synthetic.make_arrays(128, 67, seed=0), data.CIFAR10_CLASSES)
+cfg = Config(arch="resnet8", batch_size=32, lr=0.02, eval_batch_size=20)
 run = loop.setup(cfg, arrays, 4)
 perm = jnp.arange(128)
 flat = lambda s: np.concatenate([np.ravel(x) for x in jax.tree.leaves(s)]).tolist()
@@ -242,7 +271,11 @@ for i in range(8):
     losses.append(float(m["loss_sum"] / m["count"]))
     if i == 0:  # after one step: parameters and BatchNorm running statistics
         first = flat((run.state.params, run.state.batch_stats))
-print(json.dumps({"devices": jax.device_count(), "losses": losses, "first": first}))
+run.eval_sets["test"] = loop.make_eval_set(run, arrays.test_images, arrays.test_labels)
+from tests.test_train import by_hand
+evals = [loop.evaluate(run, "test"), by_hand(run, arrays.test_images, arrays.test_labels)]
+print(json.dumps({"devices": jax.device_count(), "losses": losses, "first": first,
+                  "evals": evals}))
 """
 
 
@@ -256,6 +289,10 @@ def test_eight_devices_train_like_one(env):
 
     one, eight = run(1), run(8)
     assert one["devices"] == 1 and eight["devices"] == 8
+    for r in (one, eight):  # 67 images in eval batches of 20 (16 over 8 devices): padded
+        evaluated, hand = r["evals"]
+        assert evaluated["test_acc"] == pytest.approx(hand["test_acc"], abs=1e-6)
+        assert evaluated["test_loss"] == pytest.approx(hand["test_loss"], rel=1e-5)
     # One step is the same function (BatchNorm statistics over the global batch: per-device
     # statistics would change the first loss by ~1e-2) ...
     assert eight["losses"][0] == pytest.approx(one["losses"][0], rel=1e-6)

@@ -55,6 +55,21 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def train_batch(state: TrainState, perm: jax.Array, images: jax.Array, labels: jax.Array,
+                index: jax.Array, *, batch_size: int, augment: bool,
+                batch_sharding: NamedSharding) -> tuple[jax.Array, jax.Array]:
+    """Batch ``index`` of the epoch order ``perm`` as uint8 images and labels, sharded over the
+    devices; with ``augment`` padded, cropped and flipped under the step's own key, a function
+    of the run's seed and its step count only. So every step and every epoch draws new crops,
+    each device's shard different ones, and a resumed run the ones it would have drawn."""
+    idx = jax.lax.dynamic_slice_in_dim(perm, index * batch_size, batch_size)
+    x = jax.lax.with_sharding_constraint(images[idx], batch_sharding)
+    y = jax.lax.with_sharding_constraint(labels[idx], batch_sharding)
+    if augment:
+        x = data.augment(jax.random.fold_in(state.key, state.step), x)
+    return x, y
+
+
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState,
                metrics: dict[str, jax.Array], perm: jax.Array, images: jax.Array,
                labels: jax.Array, index: jax.Array, *, batch_size: int, mean: Sequence[float],
@@ -69,11 +84,8 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: 
     and every block's output, in depth order) and ``logit_std`` (the logits' spread over the
     batch, mean over classes: near 0 when the net ignores its input).
     """
-    idx = jax.lax.dynamic_slice_in_dim(perm, index * batch_size, batch_size)
-    x = jax.lax.with_sharding_constraint(images[idx], batch_sharding)
-    y = jax.lax.with_sharding_constraint(labels[idx], batch_sharding)
-    if augment:
-        x = data.augment(jax.random.fold_in(state.key, state.step), x)
+    x, y = train_batch(state, perm, images, labels, index, batch_size=batch_size,
+                       augment=augment, batch_sharding=batch_sharding)
     x = data.normalize(x, mean, std)
 
     def loss_fn(params):

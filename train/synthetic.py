@@ -40,11 +40,46 @@ def _to_flat_chw(x: np.ndarray) -> np.ndarray:
 def write_cifar10_python(root: Path, arrays, tar: bool = False) -> Path:
     """The layout of cifar-10-python.tar.gz: ``cifar-10-batches-py/data_batch_{1..5}`` etc."""
     xtr, ytr, xte, yte = arrays
-    files = {"batches.meta": {b"label_names": [c.encode() for c in CIFAR10_CLASSES]},
-             "test_batch": {b"data": _to_flat_chw(xte), b"labels": yte.tolist()}}
+    def batch(name, x, y):  # every key of the real batches
+        return {b"batch_label": name.encode(), b"labels": y.tolist(), b"data": _to_flat_chw(x),
+                b"filenames": [f"{i}.png".encode() for i in range(len(x))]}
+
+    files = {"batches.meta": {b"label_names": [c.encode() for c in CIFAR10_CLASSES],
+                              b"num_cases_per_batch": len(ytr) // 5, b"num_vis": 3072},
+             "test_batch": batch("testing batch 1 of 1", xte, yte)}
     for i, (xs, ys) in enumerate(zip(np.array_split(xtr, 5), np.array_split(ytr, 5)), 1):
-        files[f"data_batch_{i}"] = {b"data": _to_flat_chw(xs), b"labels": ys.tolist()}
+        files[f"data_batch_{i}"] = batch(f"training batch {i} of 5", xs, ys)
     return _write(root, "cifar-10-batches-py", {k: pickle.dumps(v) for k, v in files.items()}, tar)
+
+
+def write_cifar100_python(root: Path, arrays, coarse: tuple[np.ndarray, np.ndarray],
+                          tar: bool = False) -> Path:
+    """The layout of cifar-100-python.tar.gz: ``cifar-100-python/{train,test,meta}``, each image
+    with its fine label (the 100 classes) and its coarse one (the 20 superclasses)."""
+    xtr, ytr, xte, yte = arrays
+    files = {"meta": {b"fine_label_names": [f"fine{i:02d}".encode() for i in range(100)],
+                      b"coarse_label_names": [f"coarse{i:02d}".encode() for i in range(20)]}}
+    for name, x, y, c in (("train", xtr, ytr, coarse[0]), ("test", xte, yte, coarse[1])):
+        files[name] = {b"filenames": [f"{i}.png".encode() for i in range(len(x))],
+                       b"batch_label": f"{name} batch".encode(), b"fine_labels": y.tolist(),
+                       b"coarse_labels": c.tolist(), b"data": _to_flat_chw(x)}
+    return _write(root, "cifar-100-python", {k: pickle.dumps(v) for k, v in files.items()}, tar)
+
+
+def write_cifar100_binary(root: Path, arrays, coarse: tuple[np.ndarray, np.ndarray],
+                          tar: bool = False) -> Path:
+    """The layout of cifar-100-binary.tar.gz: ``cifar-100-binary/{train,test}.bin``, records of
+    <coarse label byte><fine label byte><3072 pixel bytes>, and the two label-name files."""
+    xtr, ytr, xte, yte = arrays
+
+    def records(x, y, c):
+        return np.concatenate([c.astype(np.uint8)[:, None], y.astype(np.uint8)[:, None],
+                               _to_flat_chw(x)], 1).tobytes()
+
+    files = {"train.bin": records(xtr, ytr, coarse[0]), "test.bin": records(xte, yte, coarse[1]),
+             "fine_label_names.txt": "\n".join(f"fine{i:02d}" for i in range(100)).encode(),
+             "coarse_label_names.txt": "\n".join(f"coarse{i:02d}" for i in range(20)).encode()}
+    return _write(root, "cifar-100-binary", files, tar)
 
 
 def write_cifar10_binary(root: Path, arrays, tar: bool = False) -> Path:
