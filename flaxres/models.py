@@ -164,6 +164,13 @@ def _maybe(layer, x: jax.Array) -> jax.Array:
     return x if layer is None else layer(x)
 
 
+def _preact(bn, x: jax.Array, projects: bool) -> tuple[jax.Array, jax.Array]:
+    """BN-ReLU of a pre-activation block's input, and what its shortcut starts from: the
+    normalised input where a projection follows, else the raw one."""
+    out = _relu_if(True, _maybe(bn, x))
+    return out, out if projects else x
+
+
 class PadShortcut(nnx.Module):
     """Option A: parameter-free shortcut, stride-s subsampling and zero channel padding.
 
@@ -180,35 +187,54 @@ class PadShortcut(nnx.Module):
         return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (lo, self.cout - self.cin - lo)))
 
 
-def _make_shortcut(L: _Layers, kind: Shortcut, cin: int, cout: int, stride: int):
-    """Returns ``(pad_shortcut, downsample)``; both None means identity (or no shortcut)."""
+def _make_shortcut(L: _Layers, kind: Shortcut, cin: int, cout: int, stride: int,
+                   preact: bool = False):
+    """Returns ``(pad_shortcut, downsample)``; both None means identity (or no shortcut). A
+    pre-activation block's projection is a bare conv: its input is already normalised."""
     reshapes = stride != 1 or cin != cout
     if kind == "A" and reshapes:
         return PadShortcut(cin, cout, stride), None
     if kind == "C" or (kind == "B" and reshapes):
         conv = L.conv(cin, cout, 1, stride)
-        bn = L.bn(cout)
+        bn = None if preact else L.bn(cout)
         return None, nnx.Sequential(*([conv] if bn is None else [conv, bn]))
     return None, None
 
 
 class BasicBlock(nnx.Module):
-    """Two 3x3 convs (ResNet-18/34 and the CIFAR ResNets)."""
+    """Two 3x3 convs (ResNet-18/34 and the CIFAR ResNets).
+
+    ``preact``: He et al. 2016b's pre-activation order, BN-ReLU before each conv and nothing
+    after the addition (kuangliu's ``PreActBlock``, the Wide ResNets' block); a projection then
+    takes the pre-activated input, an identity the raw one. ``dropout``: the Wide ResNets'
+    dropout between the two convs (pre-activation blocks only).
+    """
 
     expansion = 1
 
     def __init__(self, L: _Layers, cin: int, planes: int, stride: int = 1, *,
-                 shortcut: Shortcut = "B", groups: int = 1, base_width: int = 64):
+                 shortcut: Shortcut = "B", groups: int = 1, base_width: int = 64,
+                 preact: bool = False, dropout: float = 0.0):
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock supports only groups=1 and base_width=64 (as torchvision)")
+        self.preact = preact
+        self.bn1 = L.bn(cin if preact else planes)  # pre-activation: it normalises the input
         self.conv1 = L.conv(cin, planes, 3, stride)
-        self.bn1 = L.bn(planes)
-        self.conv2 = L.conv(planes, planes, 3)
         self.bn2 = L.bn(planes)
+        self.dropout = nnx.Dropout(dropout) if dropout else None
+        self.conv2 = L.conv(planes, planes, 3)
         self.has_shortcut = shortcut is not None
-        self.pad_shortcut, self.downsample = _make_shortcut(L, shortcut, cin, planes, stride)
+        self.pad_shortcut, self.downsample = _make_shortcut(L, shortcut, cin, planes, stride,
+                                                            preact)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        if self.preact:
+            out, shortcut_in = _preact(self.bn1, x, self.downsample is not None)
+            out = self.conv1(out)
+            out = _relu_if(True, _maybe(self.bn2, out))
+            if self.dropout is not None:
+                out = self.dropout(out, rngs=rngs)
+            return self.conv2(out) + self._shortcut(shortcut_in)
         out = _conv_bn(self.conv1, self.bn1, x, relu=True)
         return _conv_bn(self.conv2, self.bn2, out, relu=True, residual=self._shortcut(x))
 
@@ -230,19 +256,30 @@ class Bottleneck(BasicBlock):
     expansion = 4
 
     def __init__(self, L: _Layers, cin: int, planes: int, stride: int = 1, *,
-                 shortcut: Shortcut = "B", groups: int = 1, base_width: int = 64):
+                 shortcut: Shortcut = "B", groups: int = 1, base_width: int = 64,
+                 preact: bool = False, dropout: float = 0.0):
+        if dropout:
+            raise ValueError("dropout is a Wide ResNet option of pre-activation BasicBlocks")
         width = int(planes * (base_width / 64.0)) * groups
         cout = planes * self.expansion
+        self.preact = preact
+        # Pre-activation: each BN normalises its conv's input, so it has the input's width.
+        self.bn1 = L.bn(cin if preact else width)
         self.conv1 = L.conv(cin, width, 1)
-        self.bn1 = L.bn(width)
         self.conv2 = L.conv(width, width, 3, stride, groups)
         self.bn2 = L.bn(width)
         self.conv3 = L.conv(width, cout, 1)
-        self.bn3 = L.bn(cout)
+        self.bn3 = L.bn(width if preact else cout)
         self.has_shortcut = shortcut is not None
-        self.pad_shortcut, self.downsample = _make_shortcut(L, shortcut, cin, cout, stride)
+        self.pad_shortcut, self.downsample = _make_shortcut(L, shortcut, cin, cout, stride,
+                                                            preact)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        if self.preact:
+            out, shortcut_in = _preact(self.bn1, x, self.downsample is not None)
+            out = self.conv2(_relu_if(True, _maybe(self.bn2, self.conv1(out))))
+            out = self.conv3(_relu_if(True, _maybe(self.bn3, out)))
+            return out + self._shortcut(shortcut_in)
         out = _conv_bn(self.conv1, self.bn1, x, relu=True)
         out = _conv_bn(self.conv2, self.bn2, out, relu=True)
         return _conv_bn(self.conv3, self.bn3, out, relu=True, residual=self._shortcut(x))
@@ -268,6 +305,11 @@ class ResNet(nnx.Module):
       cpu_ops: which CPU fast paths the traced program uses on the CPU platform
         (:class:`flaxres.ops.CpuOps`; ``CpuOps.off()`` for plain ``lax``); other platforms
         always run plain ``lax``.
+      preact: pre-activation blocks (He et al. 2016b): the stem is a bare conv, and
+        ``head_norm`` adds the final BN-ReLU before the pool (the paper's and the Wide ResNets';
+        kuangliu's PreActResNet18 has none).
+      dropout: the Wide ResNets' dropout rate inside each pre-activation BasicBlock; a model
+        with dropout needs ``rngs`` when called in train mode.
     """
 
     def __init__(self, block: type[BasicBlock], layers: Sequence[int], widths: Sequence[int], *,
@@ -275,28 +317,34 @@ class ResNet(nnx.Module):
                  shortcut: Shortcut = "A", norm: bool = True, groups: int = 1,
                  width_per_group: int = 64, in_channels: int = 3, dtype=jnp.float32,
                  param_dtype=jnp.float32, bn_momentum: float = 0.1, bn_eps: float = 1e-5,
-                 cpu_ops: ops.CpuOps = ops.CpuOps(), rngs: nnx.Rngs):
+                 cpu_ops: ops.CpuOps = ops.CpuOps(), preact: bool = False,
+                 head_norm: bool = False, dropout: float = 0.0, rngs: nnx.Rngs):
         if shortcut not in ("A", "B", "C", None):
             raise ValueError(f"shortcut must be 'A', 'B', 'C' or None (plain net), got {shortcut!r}")
+        if preact and shortcut is None:
+            raise ValueError("a pre-activation net needs its shortcuts (shortcut='B')")
+        if not 0 <= dropout < 1 or (dropout and not preact):
+            raise ValueError(f"dropout={dropout}: a rate in [0, 1) of pre-activation blocks")
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         L = _Layers(norm=norm, bn_momentum=bn_momentum, bn_eps=bn_eps, dtype=dtype,
                     param_dtype=param_dtype, cpu_ops=cpu_ops, rngs=rngs)
-        self.in_channels, self.stem, self.dtype = in_channels, stem, dtype
+        self.in_channels, self.stem, self.dtype, self.preact = in_channels, stem, dtype, preact
         k = 7 if stem == "imagenet" else 3
         self.conv1 = L.conv(in_channels, stem_width, k, 2 if stem == "imagenet" else 1)
-        self.bn1 = L.bn(stem_width)
+        self.bn1 = None if preact else L.bn(stem_width)  # pre-activation: the blocks normalise
         cin = stem_width
         for i, (n, planes) in enumerate(zip(layers, widths, strict=True)):
             stage = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
                 stage.append(block(L, cin, planes, stride, shortcut=shortcut, groups=groups,
-                                   base_width=width_per_group))
+                                   base_width=width_per_group, preact=preact, dropout=dropout))
                 cin = planes * block.expansion
             setattr(self, f"layer{i + 1}", nnx.List(stage))
         self.num_stages = len(layers)
         self.num_features = cin
+        self.bn = L.bn(cin) if preact and head_norm else None  # the final BN-ReLU
         self.fc = L.linear(cin, num_classes)
         stem_reduction = 4 if stem == "imagenet" else 1  # the max-pool belongs to the stem
         self.feature_info = (FeatureInfo("stem", stem_width, stem_reduction), *(
@@ -317,27 +365,34 @@ class ResNet(nnx.Module):
             raise ValueError(f"input spatial size {x.shape[1:3]} is too small: this net "
                              f"downsamples by {min_hw}; use at least {min_hw}x{min_hw}")
 
-    def features(self, x: jax.Array, every_block: bool = False) -> list[jax.Array]:
+    def features(self, x: jax.Array, every_block: bool = False,
+                 rngs: nnx.Rngs | None = None) -> list[jax.Array]:
         """Stem output and each stage's output, for per-stage parity checks; with
         ``every_block`` each block's output instead of each stage's, so a study can follow the
-        activations through the depth of the net (``train.probe``)."""
+        activations through the depth of the net (``train.probe``). ``rngs`` draws dropout."""
         self.check_input(x)
-        x = _conv_bn(self.conv1, self.bn1, x.astype(self.dtype), relu=True)
+        x = x.astype(self.dtype)
+        x = self.conv1(x) if self.preact else _conv_bn(self.conv1, self.bn1, x, relu=True)
         if self.stem == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         outs = [x]
         for stage in self.stages():
             for blk in stage:
-                x = blk(x)
+                x = blk(x, rngs)
                 if every_block:
                     outs.append(x)
             if not every_block:
                 outs.append(x)
         return outs
 
-    def forward_features(self, x: jax.Array) -> jax.Array:
-        """The last stage's feature map, before pooling (timm's name)."""
-        return self.features(x)[-1]
+    def forward_features(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """The last stage's feature map, before pooling (timm's name); after the final BN-ReLU
+        of a pre-activation net that has one."""
+        return self.head_norm(self.features(x, rngs=rngs)[-1])
+
+    def head_norm(self, x: jax.Array) -> jax.Array:
+        """A pre-activation net's final BN-ReLU (identity where it has none)."""
+        return x if self.bn is None else _relu_if(True, self.bn(x))
 
     def forward_head(self, x: jax.Array, *, pre_logits: bool = False) -> jax.Array:
         """Global average pool and classifier of a :meth:`forward_features` map;
@@ -357,6 +412,7 @@ class ResNet(nnx.Module):
         name, the first element is the logits, not the unpooled last map.
         """
         feats = self.features(x)
+        last = self.head_norm(feats[-1])
         if indices is None:
             take = list(range(len(feats)))
         elif isinstance(indices, int):
@@ -369,7 +425,7 @@ class ResNet(nnx.Module):
                 raise ValueError(f"indices {bad} out of range: this net has {len(feats)} "
                                  "feature maps (stem and stages)")
             take = list(indices)
-        return self.forward_head(feats[-1]), [feats[i] for i in take]
+        return self.forward_head(last), [feats[i] for i in take]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.forward_head(self.forward_features(x))
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        return self.forward_head(self.forward_features(x, rngs))

@@ -99,6 +99,20 @@ def resnext(layers: tuple[int, ...], groups: int, width_per_group: int, *, stem:
                   width_per_group=width_per_group, **kwargs)
 
 
+def wide_resnet_cifar(depth: int, widen: int, **kwargs: Any) -> ResNet:
+    """Zagoruyko & Komodakis 2016's WRN-depth-widen for CIFAR: depth 6n+4, pre-activation
+    BasicBlocks of 16k-32k-64k planes after a 16-channel stem, projections where the shape
+    changes, the final BN-ReLU; ``dropout=`` between each block's convs (0.3 in the paper's
+    best CIFAR runs, 0 by default)."""
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"a Wide ResNet of depth {depth} does not exist (6n+4: 10, 16, 22, 28, "
+                         "40, ...)")
+    n = (depth - 4) // 6
+    widths = tuple(w * widen for w in CIFAR_WIDTHS)
+    return ResNet(BasicBlock, (n, n, n), widths, stem="cifar", stem_width=16, shortcut="B",
+                  preact=True, head_norm=True, **kwargs)
+
+
 for _d in (20, 32, 44, 56, 110, 1202):
     register(f"resnet{_d}", cifar_resnet, depth=_d)
 for _d in (20, 32, 44, 56, 110):
@@ -111,6 +125,17 @@ register("resnext50_32x4d", resnext, layers=(3, 4, 6, 3), groups=32, width_per_g
          stem="imagenet")
 register("resnext101_32x8d", resnext, layers=(3, 4, 23, 3), groups=32, width_per_group=8,
          stem="imagenet")
+register("wide_resnet50_2", imagenet_resnet, depth=50, width_per_group=128, stem="imagenet")
+register("wide_resnet101_2", imagenet_resnet, depth=101, width_per_group=128, stem="imagenet")
+register("resnext101_64x4d", resnext, layers=(3, 4, 23, 3), groups=64, width_per_group=4,
+         stem="imagenet")
+# Pre-activation: kuangliu's PreActResNet18 (no final BN), He et al. 2016b's CIFAR nets (with it).
+register("preact_resnet18", imagenet_resnet, depth=18, stem="cifar", preact=True)
+register("preact_resnet110", cifar_resnet, depth=110, shortcut="B", preact=True, head_norm=True)
+register("preact_resnet164", cifar_resnet, depth=164, bottleneck=True, preact=True,
+         head_norm=True)
+for _d, _k in ((28, 10), (16, 8), (40, 4)):
+    register(f"wrn{_d}_{_k}", wide_resnet_cifar, depth=_d, widen=_k)
 register("resnext29_8x64d", resnext, layers=(3, 3, 3), groups=8, width_per_group=64, stem="cifar")
 register("resnext29_16x64d", resnext, layers=(3, 3, 3), groups=16, width_per_group=64,
          stem="cifar")

@@ -126,6 +126,11 @@ TRAJ_TINY: list[Arch] = [
     _tiny("tiny-resnext-4x4d", lambda **kw: flaxres.resnext((1, 1, 1), 4, 4, stem="cifar", **kw),
           lambda: reference.CifarResNet(reference.Bottleneck, (1, 1, 1), (64, 128, 256), 64,
                                         shortcut="B", groups=4, width_per_group=4)),
+    _tiny("tiny-preact-basic", lambda **kw: flaxres.registry.wide_resnet_cifar(10, 1, **kw),
+          lambda: reference.create_torch_model("wrn10_1")),
+    _tiny("tiny-preact-bottleneck", lambda **kw: flaxres.cifar_resnet(
+        11, bottleneck=True, preact=True, head_norm=True, **kw),
+          lambda: reference.PreActResNet(reference.PreActBottleneck, (1, 1, 1), (16, 32, 64), 16)),
     _tiny("tiny-imagenet-stem", lambda **kw: flaxres.ResNet(
         flaxres.BasicBlock, (1, 1, 1, 1), IMAGENET_WIDTHS, stem="imagenet", stem_width=64,
         shortcut="B", **kw),

@@ -43,7 +43,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # The nets whose full-matrix checks take the most memory (resnext101_32x8d's float64 steps
 # 15.6 GB, resnet1202's 7 GB) share one worker, so that they never run at once on the 23 GB
 # machine.
-HEAVY = frozenset({"resnext101_32x8d", "resnet1202"})
+HEAVY = frozenset({"resnext101_32x8d", "resnet1202", "wide_resnet101_2", "resnext101_64x4d"})
 
 
 def _group(cid: str) -> str:

@@ -33,11 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclasses.dataclass(frozen=True)
 class Mutant:
+    """One realistic bug: ``old`` replaced by ``new`` in ``file``; one of ``tests`` must fail.
+    A reviewer adds one with a line in MUTANTS."""
+
     name: str
     file: str
     old: str
     new: str
     tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
+    breaks: str  # the behaviour the bug breaks, which one of those tests must notice
 
 
 def _forward(*case_ids: str, tests: tuple[str, ...] = (
@@ -58,105 +62,189 @@ TRAINING_PATH = ("parity/test_training_path.py",)
 SCHEDULES = ("parity/test_optim.py::test_schedules_match_pytorch",) + TRAINING_PATH
 OPTIM = ("parity/test_optim.py::test_sgd_step[resnet20]",) + TRAINING_PATH
 CONVERT = ("parity/test_layouts.py", "parity/test_convert.py")
+AUGMENT = ("tests/test_augment.py",)
+INIT = ("tests/test_init.py",)
+EVAL = ("tests/test_train.py", "-k", "counts_each_test_image")
 
 MUTANTS = [
     # Bugs planted by hand in copies of the code.
     Mutant("cosine_warmup_total", "train/optim.py",
            "optax.cosine_decay_schedule(base_lr, max(total_steps - warmup_steps, 1))",
-           "optax.cosine_decay_schedule(base_lr, total_steps)", SCHEDULES),
+           "optax.cosine_decay_schedule(base_lr, total_steps)", SCHEDULES,
+           breaks="cosine decay ends at the run's last step after the warm-up"),
     Mutant("trainer_no_weight_decay", "train/loop.py",
            "tx = cfg.optimizer(steps_per_epoch)",
            'tx = Config.from_dict({**cfg.to_dict(), "weight_decay": 0.0}).optimizer(steps_per_epoch)',
-           TRAINING_PATH),
+           TRAINING_PATH,
+           breaks="the trainer applies --weight-decay"),
     Mutant("sgd_decay_after_momentum", "train/optim.py",
            """        optax.add_decayed_weights(weight_decay),
         optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),""",
            """        optax.trace(decay=momentum, nesterov=nesterov),
         optax.add_decayed_weights(weight_decay),
-        optax.scale_by_learning_rate(learning_rate),""", OPTIM),
+        optax.scale_by_learning_rate(learning_rate),""", OPTIM,
+           breaks="weight decay is added before momentum, as in torch.optim.SGD"),
     Mutant("imagenet_maxpool_same", "flaxres/models.py",
            "nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))",
-           "nnx.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')", MODELS),
+           "nnx.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')", MODELS,
+           breaks="the ImageNet stem's max-pool pads 1 on each side"),
     Mutant("head_max_pool", "flaxres/models.py",
-           "pooled = x.mean(axis=(1, 2))", "pooled = x.max(axis=(1, 2))", MODELS),
+           "pooled = x.mean(axis=(1, 2))", "pooled = x.max(axis=(1, 2))", MODELS,
+           breaks="the head averages over space"),
     Mutant("convert_kernel_hw_swap", "flaxres/convert.py",
            """_TO_TORCH = {"conv": (3, 2, 0, 1), "linear": (1, 0)}  # HWIO -> OIHW, (in, out) -> (out, in)
 _FROM_TORCH = {"conv": (2, 3, 1, 0), "linear": (1, 0)}""",
            """_TO_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}  # HWIO -> OIHW, (in, out) -> (out, in)
-_FROM_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}""", CONVERT),
+_FROM_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}""", CONVERT,
+           breaks="conv kernels convert OIHW <-> HWIO"),
     Mutant("stride2_conv_same", "flaxres/models.py",
-           "padding=((p, p), (p, p))", 'padding="SAME"', MODELS),
+           "padding=((p, p), (p, p))", 'padding="SAME"', MODELS,
+           breaks="stride-2 convolutions pad symmetrically, not 'SAME'"),
     Mutant("bn_running_var_biased", "flaxres/models.py",
-           "m * var * (n / max(n - 1, 1))", "m * var", MODELS),
+           "m * var * (n / max(n - 1, 1))", "m * var", MODELS,
+           breaks="BatchNorm's running variance takes the unbiased batch variance"),
     Mutant("option_a_one_side", "flaxres/models.py",
-           "lo = (self.cout - self.cin) // 2", "lo = 0", MODELS),
+           "lo = (self.cout - self.cin) // 2", "lo = 0", MODELS,
+           breaks="option-A shortcuts zero-pad channels on both sides"),
     Mutant("train_step_stale_bn_stats", "train/steps.py",
            "TrainState(optax.apply_updates(state.params, updates), stats,",
            "TrainState(optax.apply_updates(state.params, updates), state.batch_stats,",
-           TRAINING_PATH + TRAIN),
+           TRAINING_PATH + TRAIN,
+           breaks="the train step keeps the batch's BatchNorm statistics"),
     # Our own.
     Mutant("bn_momentum_flipped", "flaxres/models.py",
            "self.mean[...] = (1 - m) * self.mean[...] + m * mean",
-           "self.mean[...] = m * self.mean[...] + (1 - m) * mean", MODELS),
+           "self.mean[...] = m * self.mean[...] + (1 - m) * mean", MODELS,
+           breaks="BatchNorm's momentum 0.1 weighs the batch, as in PyTorch"),
     Mutant("eval_uses_batch_stats", "flaxres/models.py",
            "        if self.use_running_average:\n            mean, var = self.mean[...], self.var[...]",
-           "        if False:\n            mean, var = self.mean[...], self.var[...]", MODELS),
+           "        if False:\n            mean, var = self.mean[...], self.var[...]", MODELS,
+           breaks="eval mode normalises with the running statistics"),
     Mutant("bottleneck_stride_on_1x1", "flaxres/models.py",
            """        self.conv1 = L.conv(cin, width, 1)
         self.bn1 = L.bn(width)
         self.conv2 = L.conv(width, width, 3, stride, groups)""",
            """        self.conv1 = L.conv(cin, width, 1, stride)
         self.bn1 = L.bn(width)
-        self.conv2 = L.conv(width, width, 3, 1, groups)""", MODELS),
+        self.conv2 = L.conv(width, width, 3, 1, groups)""", MODELS,
+           breaks="a Bottleneck strides on its 3x3 convolution"),
     Mutant("nesterov_ignored", "train/optim.py",
            "optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)",
-           "optax.sgd(learning_rate, momentum=momentum or None, nesterov=False)", OPTIM),
+           "optax.sgd(learning_rate, momentum=momentum or None, nesterov=False)", OPTIM,
+           breaks="--nesterov gives Nesterov momentum"),
     Mutant("bn_backward_sign", "flaxres/ops.py",
            "(g - sum_g / m - xhat * (sum_gx / m))", "(g - sum_g / m + xhat * (sum_gx / m))",
-           ("tests/test_ops.py",)),
+           ("tests/test_ops.py",),
+           breaks="the closed-form BatchNorm backward is the gradient"),
     Mutant("onednn_eval_residual_dropped", "flaxres/cpu/onednn.py",
-           "residual=np.int64(residual is not None))", "residual=np.int64(0))", MODELS),
+           "residual=np.int64(residual is not None))", "residual=np.int64(0))", MODELS,
+           breaks="oneDNN's eval post-ops add the residual"),
     Mutant("onednn_bn_var_cotangent_dropped", "flaxres/cpu/onednn.py",
-           "dx = dx + (2.0 / m) * d_var * (x - mean)", "dx = dx", ("tests/test_onednn.py",)),
+           "dx = dx + (2.0 / m) * d_var * (x - mean)", "dx = dx", ("tests/test_onednn.py",),
+           breaks="oneDNN BatchNorm's backward carries the variance's cotangent"),
     Mutant("wgrad_chunk_drops_tail", "flaxres/ops.py",
            "extra = nchunks * per - n", "extra = 0; nchunks = n // per; x, g = x[:nchunks * per], "
-           "g[:nchunks * per]", ("tests/test_ops.py",)),
+           "g[:nchunks * per]", ("tests/test_ops.py",),
+           breaks="the chunked weight gradient covers every row"),
     Mutant("kuangliu_shortcut_not_renamed", "flaxres/convert.py",
            'r"^(layer\\d+\\.\\d+\\.)shortcut\\."), r"\\1downsample.")',
-           'r"^(layer\\d+\\.\\d+\\.)shortcut_\\."), r"\\1downsample.")', PRETRAINED),
+           'r"^(layer\\d+\\.\\d+\\.)shortcut_\\."), r"\\1downsample.")', PRETRAINED,
+           breaks="shortcut.0/1 projections load as downsample.0/1"),
     Mutant("frozen_backbone_still_trains", "train/finetune.py",
            '"head" if _name(path[0]) == "fc" else "backbone"', '"head"',
-           PRETRAINED + ("-k", "frozen_backbone")),
+           PRETRAINED + ("-k", "frozen_backbone"),
+           breaks="--freeze-backbone trains the head alone"),
     Mutant("download_kept_when_hash_differs", "flaxres/weights.py",
            "if sha256 and digest.hexdigest() != sha256.lower():",
-           "if False:", PRETRAINED + ("-k", "url")),
+           "if False:", PRETRAINED + ("-k", "url"),
+           breaks="a download that fails its sha256 is not cached"),
     Mutant("multistep_epoch_milestones_per_iteration", "train/optim.py",
            "return [int(m) * steps_per_epoch for m in milestones]",
-           "return [int(m) for m in milestones]", SCHEDULES),
+           "return [int(m) for m in milestones]", SCHEDULES,
+           breaks="multistep milestones count epochs"),
     Mutant("config_optimizer_no_weight_decay", "train/config.py",
            "optim.sgd(self.lr_schedule(steps_per_epoch), self.momentum, self.weight_decay,",
-           "optim.sgd(self.lr_schedule(steps_per_epoch), self.momentum, 0.0,", TRAINING_PATH),
+           "optim.sgd(self.lr_schedule(steps_per_epoch), self.momentum, 0.0,", TRAINING_PATH,
+           breaks="Config.optimizer applies the weight decay"),
     Mutant("warmup_lr_not_divided", "train/optim.py",
            "warm = optax.constant_schedule(base_lr / 10 if warmup_lr is None else warmup_lr)",
-           "warm = optax.constant_schedule(base_lr if warmup_lr is None else warmup_lr)", SCHEDULES),
+           "warm = optax.constant_schedule(base_lr if warmup_lr is None else warmup_lr)", SCHEDULES,
+           breaks="warm-up runs at lr / 10"),
     Mutant("features_stem_before_maxpool", "flaxres/models.py",
            """            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         outs = [x]""",
            """            outs = [x]
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        outs = outs if self.stem == "imagenet" else [x]""", MODELS),
+        outs = outs if self.stem == "imagenet" else [x]""", MODELS,
+           breaks="the stem feature is taken after the max-pool"),
     Mutant("linear_kernel_not_transposed", "flaxres/convert.py",
            '_FROM_TORCH = {"conv": (2, 3, 1, 0), "linear": (1, 0)}',
-           '_FROM_TORCH = {"conv": (2, 3, 1, 0), "linear": (0, 1)}', CONVERT),
+           '_FROM_TORCH = {"conv": (2, 3, 1, 0), "linear": (0, 1)}', CONVERT,
+           breaks="the head's kernel converts (out, in) <-> (in, out)"),
     Mutant("table_takes_best_epoch", "bench/accuracy_table.py",
            '"final_acc": history[-1]["test_acc"]', '"final_acc": max(h["test_acc"] for h in history)',
-           ("tests/test_accuracy_table.py",)),
+           ("tests/test_accuracy_table.py",),
+           breaks="the results table reports the last epoch, not the best"),
     Mutant("table_counts_a_seed_twice", "bench/accuracy_table.py",
            "if (seen := group[\"sources\"].setdefault((fw, run[\"seed\"]), name)) != name:",
-           "if (seen := name) != name:", ("tests/test_accuracy_table.py",)),
+           "if (seen := name) != name:", ("tests/test_accuracy_table.py",),
+           breaks="the results table refuses a seed given twice"),
     Mutant("table_gap_by_students_t", "bench/accuracy_table.py",
            "stats.ttest_ind(ours, theirs, equal_var=False)", "stats.ttest_ind(ours, theirs)",
-           ("tests/test_accuracy_table.py",)),
+           ("tests/test_accuracy_table.py",),
+           breaks="the gap's p-value is Welch's"),
+    # Tests that bite, round two: the trainer's data path, initialisation, evaluation.
+    Mutant("augment_key_fixed", "train/steps.py",
+           "data.augment(jax.random.fold_in(state.key, state.step), x)",
+           "data.augment(state.key, x)", AUGMENT,
+           breaks="every step and epoch draws new crops and flips"),
+    Mutant("augment_offsets_miss_8", "train/data.py",
+           "jax.random.randint(k_crop, (n, 2), 0, 2 * pad + 1)",
+           "jax.random.randint(k_crop, (n, 2), 0, 2 * pad)", AUGMENT,
+           breaks="crop offsets cover 0..8 on each axis, uniformly"),
+    Mutant("augment_pads_edges", "train/data.py",
+           "padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))",
+           'padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")',
+           AUGMENT, breaks="pixels outside the image are zeros"),
+    Mutant("augment_flips_too_rarely", "train/data.py",
+           "jax.random.bernoulli(k_flip, 0.5, (n,))", "jax.random.bernoulli(k_flip, 0.45, (n,))",
+           AUGMENT, breaks="an image is flipped with p = 0.5"),
+    Mutant("conv_init_fan_in", "flaxres/models.py",
+           'variance_scaling(2.0, "fan_out", "normal")', 'variance_scaling(2.0, "fan_in", "normal")',
+           INIT, breaks="convolutions start as torchvision's Kaiming normal, fan_out"),
+    Mutant("conv_init_gain_1", "flaxres/models.py",
+           'variance_scaling(2.0, "fan_out", "normal")', 'variance_scaling(1.0, "fan_out", "normal")',
+           INIT, breaks="convolutions start with the ReLU gain"),
+    Mutant("head_init_fan_out", "flaxres/models.py",
+           'variance_scaling(1.0 / 3.0, "fan_in", "uniform")',
+           'variance_scaling(1.0 / 3.0, "fan_out", "uniform")', INIT,
+           breaks="the head starts as nn.Linear's uniform"),
+    Mutant("eval_counts_a_padding_row", "train/steps.py",
+           "valid = (start + jnp.arange(batch_size)) < num_valid",
+           "valid = (start + jnp.arange(batch_size)) <= num_valid", EVAL,
+           breaks="evaluation counts each test image once and no padding"),
+    Mutant("eval_counts_padding_in_the_mean", "train/steps.py",
+           '"count": metrics["count"] + valid.sum(),', '"count": metrics["count"] + batch_size,',
+           EVAL, breaks="evaluation divides by the number of test images"),
+    Mutant("centre_crop_floors", "flaxres/predict.py",
+           "round((h - crop) / 2.0), round((w - crop) / 2.0)", "(h - crop) // 2, (w - crop) // 2",
+           PRETRAINED + ("-k", "pixel_by_pixel"),
+           breaks="prediction crops the centre as torchvision's CenterCrop rounds it"),
+    Mutant("cifar100_python_coarse_labels", "train/data.py",
+           'b"fine_labels", b"fine_label_names")', 'b"coarse_labels", b"fine_label_names")',
+           ("tests/test_data.py", "-k", "cifar100"), breaks="CIFAR-100 trains on the fine labels"),
+    Mutant("cifar100_binary_coarse_labels", "train/data.py",
+           "rec[:, label_bytes - 1].astype(np.int32)", "rec[:, 0].astype(np.int32)",
+           ("tests/test_data.py", "-k", "cifar100"),
+           breaks="CIFAR-100's binary records give the fine label"),
+    Mutant("loss_summed", "train/steps.py",
+           "return cross_entropy(logits, y).mean(), (logits, stats, act_std)",
+           "return cross_entropy(logits, y).sum(), (logits, stats, act_std)", ("tests/test_steps.py",),
+           breaks="the trainer minimises the batch-mean cross-entropy"),
+    Mutant("default_mean_bgr", "flaxres/registry.py",
+           "CIFAR_MEAN = (0.4914, 0.4822, 0.4465)", "CIFAR_MEAN = (0.4465, 0.4822, 0.4914)",
+           ("tests/test_data.py", "-k", "real_shared"),
+           breaks="the default normalisation is the data's, in RGB order"),
 ]
 
 
@@ -229,13 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
     if args.list:
         for m in chosen:
-            print(f"{m.name:<42} {m.file:<20} {' '.join(m.tests)}")
+            print(f"{m.name:<42} {m.file:<20} breaks: {m.breaks}\n{'':<42} tests: "
+                  f"{' '.join(m.tests)}")
         return 0
     jobs = min(args.jobs, len(chosen))  # one scratch copy and one thread each
     for m in chosen:  # every snippet found before any mutant runs
         mutated(m, (ROOT / m.file).read_text())
     with (tempfile.TemporaryDirectory(prefix="flaxres-mutate-") as tmp,
           tempfile.TemporaryDirectory(prefix="flaxres-mutate-xla-") as xla_cache):
+        if (ROOT.parent / "shared").is_dir():  # the data copy the tests find beside the checkout
+            (Path(tmp) / "shared").symlink_to(ROOT.parent / "shared")
         trees: queue.Queue[Path] = queue.Queue()
         for i in range(jobs):
             (tree := Path(tmp) / str(i)).mkdir()
@@ -251,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 (tree / m.file).write_text(original)
                 trees.put(tree)
-            verdict = "caught by" if caught else "SURVIVED:"
+            verdict = "caught by" if caught else f"SURVIVED ({m.breaks}):"
             print(f"{m.name:<42} {verdict} {where} ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
             return caught

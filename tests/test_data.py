@@ -175,6 +175,14 @@ def test_real_shared_cifar10_jpeg_folder(tmp_path):
     assert a.train_images.shape == (50000, 32, 32, 3) and a.test_images.shape == (10000, 32, 32, 3)
     assert a.classes == data.CIFAR10_CLASSES
     assert np.bincount(a.train_labels).tolist() == [5000] * 10
+    # The default normalisation is this data's, channel by channel in RGB order: the pixel mean,
+    # and as the popular CIFAR scripts compute it the mean over images of each image's std
+    # (0.2023, not the pixel std 0.247); the JPEG re-encode moves both by under 0.002.
+    from train.config import Config
+
+    x = a.train_images.astype(np.float32) / 255
+    np.testing.assert_allclose(Config().mean, x.mean((0, 1, 2), dtype=np.float64), atol=2e-3)
+    np.testing.assert_allclose(Config().std, x.std((1, 2), dtype=np.float64).mean(0), atol=3e-3)
     assert np.bincount(a.test_labels).tolist() == [1000] * 10
     mean = a.train_images.reshape(-1, 3).mean(0) / 255
     np.testing.assert_allclose(mean, (0.4914, 0.4822, 0.4465), atol=0.01)

@@ -17,6 +17,8 @@ IMAGENET_COUNTS = {
     "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
     "resnet101": 44_549_160, "resnet152": 60_192_808, "resnext50_32x4d": 25_028_904,
     "resnext101_32x8d": 88_791_336,
+    # torchvision's wide_resnet50_2 / wide_resnet101_2 and resnext101_64x4d.
+    "wide_resnet50_2": 68_883_240, "wide_resnet101_2": 126_886_696, "resnext101_64x4d": 83_455_272,
 }
 CIFAR_COUNTS = {
     "resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018,
@@ -30,6 +32,11 @@ CIFAR_COUNTS = {
     "resnet101_cifar": 42_512_970, "resnet152_cifar": 58_156_618,
     # Xie et al. 2017, Table 7: 34.4M and 68.1M (the latter rounds 68,155,210 down).
     "resnext29_8x64d": 34_426_698, "resnext29_16x64d": 68_155_210,
+    # kuangliu's PreActResNet18; He et al. 2016b's pre-activation nets (1.7M each in its Table 2,
+    # exact counts from parity.reference's faithful PyTorch modules).
+    "preact_resnet18": 11_171_146, "preact_resnet110": 1_730_522, "preact_resnet164": 1_703_258,
+    # Zagoruyko & Komodakis 2016 (36.5M for WRN-28-10 in its Table 5).
+    "wrn28_10": 36_479_194, "wrn16_8": 10_961_370, "wrn40_4": 8_949_210,
 }
 
 
@@ -64,7 +71,7 @@ def test_every_registered_name_is_counted():
 
 
 @pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet164", "resnet18_cifar",
-                                  "resnet18", "resnext29_8x64d"])
+                                  "resnet18", "resnext29_8x64d", "preact_resnet164", "wrn16_8"])
 def test_forward_shapes_and_dtype(name):
     """Traced, not run: the parity suite runs every registered net's forward."""
     size = 32 if flaxres.model_stem(name) == "imagenet" else 16

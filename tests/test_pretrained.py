@@ -113,6 +113,53 @@ class KuangResNet(nn.Module):
         return self.linear(F.avg_pool2d(out, 4).flatten(1))
 
 
+class KuangPreActBlock(nn.Module):
+    """kuangliu/pytorch-cifar's models/preact_resnet.py ``PreActBlock``, as written there."""
+
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1,
+                               bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        if stride != 1 or in_planes != self.expansion * planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, self.expansion * planes,
+                                                    kernel_size=1, stride=stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class KuangPreActResNet18(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.layer1 = self._make_layer(64, 1)
+        self.layer2 = self._make_layer(128, 2)
+        self.layer3 = self._make_layer(256, 2)
+        self.layer4 = self._make_layer(512, 2)
+        self.linear = nn.Linear(512, num_classes)
+
+    def _make_layer(self, planes, stride):
+        layers = []
+        for s in [stride, 1]:
+            layers.append(KuangPreActBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        return self.linear(F.avg_pool2d(out, 4).view(out.size(0), -1))
+
+
 def _randomise_bn(model: nn.Module) -> nn.Module:
     """Non-trivial BN statistics and affine parameters, so a mix-up of any of them shows."""
     g = torch.Generator().manual_seed(1)
@@ -177,6 +224,31 @@ def test_kuangliu_checkpoint_as_saved(tmp_path):
     model = flaxres.create_model("resnet18_cifar", pretrained=path)
     assert model.fc.kernel.shape == (512, 100)
     _assert_same_logits(model, kuangliu())
+
+
+def test_kuangliu_preact_resnet18_as_saved(tmp_path):
+    """kuangliu's PreActResNet18 checkpoint ({'net': DataParallel keys}): pre-activation blocks,
+    bare-conv ``shortcut.0`` projections, no final BatchNorm, ``linear`` head."""
+    torch.manual_seed(0)
+    ref = _randomise_bn(KuangPreActResNet18())
+    torch.save({"net": _dp(ref.state_dict()), "acc": 94.7, "epoch": 199}, tmp_path / "ckpt.pth")
+    model = flaxres.create_model("preact_resnet18", pretrained=tmp_path / "ckpt.pth")
+    assert flaxres.count_params(model) == sum(p.numel() for p in ref.parameters()) == 11_171_146
+    _assert_same_logits(model, ref)
+
+
+@pytest.mark.parametrize("name", [
+    "wide_resnet50_2",
+    pytest.param("wide_resnet101_2", marks=pytest.mark.full),
+    pytest.param("resnext101_64x4d", marks=pytest.mark.full)])
+def test_torchvision_builders_state_dicts_as_saved(name, tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = _randomise_bn(getattr(torchvision.models, name)())
+    torch.save(ref.state_dict(), tmp_path / f"{name}.pth")
+    model = flaxres.create_model(name, pretrained=tmp_path / f"{name}.pth")
+    _assert_same_logits(model, ref, size=64)
 
 
 def test_torchvision_layout_with_compile_and_dataparallel_prefixes(tmp_path):
