@@ -164,10 +164,15 @@ def _maybe(layer, x: jax.Array) -> jax.Array:
     return x if layer is None else layer(x)
 
 
+def _bn_relu(bn: BatchNorm | None, x: jax.Array) -> jax.Array:
+    """ReLU(BN(x)), fused on the CPU where it can be (just the ReLU in nets without BN)."""
+    return nnx.relu(x) if bn is None else bn(x, relu=True)
+
+
 def _preact(bn, x: jax.Array, projects: bool) -> tuple[jax.Array, jax.Array]:
     """BN-ReLU of a pre-activation block's input, and what its shortcut starts from: the
     normalised input where a projection follows, else the raw one."""
-    out = _relu_if(True, _maybe(bn, x))
+    out = _bn_relu(bn, x)
     return out, out if projects else x
 
 
@@ -230,8 +235,7 @@ class BasicBlock(nnx.Module):
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         if self.preact:
             out, shortcut_in = _preact(self.bn1, x, self.downsample is not None)
-            out = self.conv1(out)
-            out = _relu_if(True, _maybe(self.bn2, out))
+            out = _bn_relu(self.bn2, self.conv1(out))
             if self.dropout is not None:
                 out = self.dropout(out, rngs=rngs)
             return self.conv2(out) + self._shortcut(shortcut_in)
@@ -277,8 +281,8 @@ class Bottleneck(BasicBlock):
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         if self.preact:
             out, shortcut_in = _preact(self.bn1, x, self.downsample is not None)
-            out = self.conv2(_relu_if(True, _maybe(self.bn2, self.conv1(out))))
-            out = self.conv3(_relu_if(True, _maybe(self.bn3, out)))
+            out = self.conv2(_bn_relu(self.bn2, self.conv1(out)))
+            out = self.conv3(_bn_relu(self.bn3, out))
             return out + self._shortcut(shortcut_in)
         out = _conv_bn(self.conv1, self.bn1, x, relu=True)
         out = _conv_bn(self.conv2, self.bn2, out, relu=True)
@@ -392,7 +396,7 @@ class ResNet(nnx.Module):
 
     def head_norm(self, x: jax.Array) -> jax.Array:
         """A pre-activation net's final BN-ReLU (identity where it has none)."""
-        return x if self.bn is None else _relu_if(True, self.bn(x))
+        return x if self.bn is None else _bn_relu(self.bn, x)
 
     def forward_head(self, x: jax.Array, *, pre_logits: bool = False) -> jax.Array:
         """Global average pool and classifier of a :meth:`forward_features` map;

@@ -114,7 +114,7 @@ def jitted_blocks(relus: list | None = None) -> Iterator[list]:
     originals = {cls: cls.__dict__["__call__"] for cls in (BasicBlock, Bottleneck)}
 
     def run(cls):
-        def call(self, x):
+        def call(self, x, rngs=None):  # the parity cases have no dropout to draw
             graphdef, state = nnx.split(self)
             given = None if top.given is None else next(top.given)
             y, stats, seen = _block(originals[cls], graphdef, state, x, given)

@@ -79,6 +79,46 @@ def test_help_documents_every_flag_and_default(capsys):
         assert must in text
 
 
+def test_named_recipes_set_the_defaults_and_flags_still_win():
+    cfg = cifar.parse_args(["--recipe", "wrn", "--arch", "wrn28_10", "--dropout", "0.3"])
+    assert (cfg.epochs, cfg.milestones, cfg.lr_gamma, cfg.weight_decay, cfg.nesterov) == (
+        200, (60, 120, 160), 0.2, 5e-4, True)
+    lr = cfg.lr_schedule(391)  # 50k images at batch 128
+    assert [float(lr(s)) for s in (0, 60 * 391, 120 * 391, 160 * 391)] == pytest.approx(
+        [0.1, 0.02, 0.004, 0.0008])
+    assert cifar.parse_args(["--recipe", "wrn", "--epochs", "3"]).epochs == 3
+    assert cifar.parse_args(["--recipe", "he2016"]).lr_schedule(390)(48_000) == pytest.approx(1e-3)
+    nets = {a: loop.build_model(cifar.parse_args(["--arch", a, "--dropout", "0.3"]))
+            for a in ("wrn28_10", "preact_resnet110")}
+    assert nets["wrn28_10"].layer1[0].dropout.rate == 0.3
+    assert nets["preact_resnet110"].layer3[17].dropout.rate == 0.3
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--recipe", "nope"], "--recipe nope: no such recipe; train/recipes/ has he2016, wrn"),
+    (["--arch", "resnet20", "--dropout", "0.3"], "--dropout 0.3: resnet20 has no dropout"),
+])
+def test_bad_recipe_or_dropout_is_one_line(env, argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        cifar.main(["--data-dir", env["src"], "--workdir", str(env["root"] / "bad"), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) <= 3 and "Traceback" not in err
+
+
+def test_dropout_draws_per_step_and_reruns_exactly(env):
+    """A Wide ResNet with dropout trains; its masks come from the run's seed and step alone,
+    so a rerun (or a resumed run) repeats it, and without dropout it trains otherwise."""
+    def run(name, *args):
+        finish(cli(env, "--arch", "wrn10_1", "--epochs", "1", "--no-plot", "--workdir",
+                   str(env["root"] / name), *args))
+        return history(env["root"] / name)
+
+    a, b, plain = run("wrn-a", "--dropout", "0.3"), run("wrn-b", "--dropout", "0.3"), run("wrn-0")
+    assert a == b and a != plain
+    assert np.isfinite(a[-1]["train_loss"])
+
+
 def test_schedules_follow_the_paper():
     cfg = Config()
     s = cfg.lr_schedule(391)

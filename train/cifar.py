@@ -1,6 +1,7 @@
 """``python -m train.cifar``: He et al. (2016)'s CIFAR recipe with flaxres.
 
     python -m train.cifar --arch resnet20 --data-dir ../shared/data/cifar10-jpeg.tar.gz --epochs 1
+    python -m train.cifar --recipe wrn --arch wrn16_8 --dropout 0.3 --data-dir DATA
     python -m train.cifar --workdir runs/r20 --resume
     python -m train.cifar --eval-only --checkpoint runs/r20
     python -m train.cifar --predict cat.png dog.jpg --checkpoint runs/r20
@@ -22,16 +23,22 @@ from flaxres import checkpoint
 from flaxres.cpu import onednn
 from flaxres.cpu.malloc import retain_freed_memory
 from train import data, inference, loop, parallel
-from train.config import Config, add_flags
+from train.config import Config, OneLineParser, add_flags, load_recipe
 
 # This module only parses flags and dispatches: the loop is train.loop, --eval-only and
 # --predict train.inference, logs train.report, data parallelism train.parallel.
 
 def parse_args(argv: list[str] | None = None) -> Config:
     """argparse generated from :class:`Config`: one flag per field, its help and default."""
-    p = argparse.ArgumentParser(prog="python -m train.cifar", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m train.cifar", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p)
+    known, _ = p.parse_known_args(argv)  # a recipe's settings become the flags' defaults
+    if known.recipe:
+        try:
+            p.set_defaults(**load_recipe(known.recipe))
+        except ValueError as e:
+            p.error(str(e))
     ns = p.parse_args(argv)
     cfg = Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(ns).items()})
     if (cfg.eval_only or cfg.predict) and not cfg.checkpoint:

@@ -9,25 +9,48 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import math
 import types
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import optax
 
 from flaxres.registry import CIFAR_MEAN, CIFAR_STD
 from train import optim
 
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def recipe_names() -> list[str]:
+    """The recipes in train/recipes/, one small file each."""
+    return sorted(p.stem for p in RECIPES.glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """A recipe file's ``RECIPE``: Config field values a run takes as its defaults."""
+    if name not in recipe_names():
+        raise ValueError(f"--recipe {name}: no such recipe; train/recipes/ has "
+                         f"{', '.join(recipe_names())}")
+    recipe = importlib.import_module(f"train.recipes.{name}").RECIPE
+    unknown = set(recipe) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise ValueError(f"train/recipes/{name}.py sets unknown fields {sorted(unknown)}")
+    return recipe
+
+
 @dataclass
 class Config:
+    recipe: str | None = _f(None, "a named recipe from train/recipes/ whose settings become the "
+                            f"defaults (explicit flags still win): {', '.join(recipe_names())}")
     arch: str = _f("resnet20", "architecture: any flaxres.list_models() name, or any CIFAR "
                    "resnetN with N = 6n+2 (e.g. resnet8)")
     dataset: str = _f("cifar10", "dataset", choices=("cifar10", "cifar100"))
@@ -57,6 +80,7 @@ class Config:
                        choices=("paper", "multistep", "cosine"))
     milestones: tuple[int, ...] | None = _f(None, "multistep epoch milestones (default: 1/2 and "
                                             "3/4 of the epochs, as the course notebook)")
+    lr_gamma: float = _f(0.1, "lr factor at each multistep milestone (the Wide ResNets': 0.2)")
     warmup: str = _f("auto", "lr = lr/10 for the first --warmup-steps iterations; 'auto' = on "
                      f"for {', '.join(optim.WARMUP_ARCHS)} as in the paper",
                      choices=("auto", "on", "off"))
@@ -71,6 +95,8 @@ class Config:
     subset: int | None = _f(None, "train on a fixed random N-image subset of the training set, "
                             "the same for every seed (quick runs)")
     seed: int = _f(0, "seed for initial weights, data order, augmentation and the val split")
+    dropout: float = _f(0.0, "dropout rate between the convs of each block, for the nets that "
+                        "have it (the pre-activation and Wide ResNets: preact_*, wrn*)")
     precision: str = _f("fp32", "compute dtype (parameters stay fp32)", choices=("fp32", "bf16"))
     matmul_precision: str = _f("tf32", "fp32 matmul/convolution precision on GPUs: 'tf32' lets "
                                "them use TensorFloat-32 (as PyTorch's cuDNN convolutions do by "
@@ -134,6 +160,7 @@ class Config:
             epochs = math.ceil(total / steps_per_epoch)
             ms = self.milestones or [m for m in (epochs // 2, epochs * 3 // 4) if m > 0]
             bounds = optim.epoch_milestones_to_steps(ms, steps_per_epoch)
+            return optim.multistep_schedule(self.lr, bounds, self.lr_gamma, warmup_steps=warm)
         return optim.multistep_schedule(self.lr, bounds, warmup_steps=warm)
 
     def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -150,6 +177,13 @@ class Config:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
         return cls(**d)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the flag and the cause (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
 
 
 def add_flags(parser: Any, names: Iterable[str] | None = None, **defaults: Any) -> None:

@@ -37,7 +37,7 @@ from train.report import Report
 
 # Fields a resumed run must share with its checkpoint (others, e.g. --epochs, may change).
 RESUME_FIXED = ("arch", "dataset", "batch_size", "seed", "subset", "val_split", "precision",
-                "augment", "mean", "std", "freeze_backbone")
+                "augment", "mean", "std", "freeze_backbone", "dropout")
 
 
 class Diverged(RuntimeError):
@@ -73,16 +73,27 @@ def ctrl_c_at_step_boundary() -> Iterator[dict[str, bool]]:
 
 def build_model(cfg: Config) -> flaxres.ResNet:
     """``create_model`` for registered names; any other ``resnetN`` through
-    ``flaxres.cifar_resnet`` (e.g. resnet8, handy for quick experiments), whose error names the
-    valid depths."""
+    ``flaxres.cifar_resnet`` and ``wrnD_K`` through ``flaxres.registry.wide_resnet_cifar``
+    (e.g. resnet8 or wrn10_1, handy for quick experiments), whose errors name the valid
+    depths."""
     dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
     cpu_ops = flaxres.CpuOps(conv=onednn.resolve_conv(cfg.cpu_conv))
     m = re.fullmatch(r"resnet(\d+)", cfg.arch)
+    extra = {"dropout": cfg.dropout} if cfg.dropout else {}
+    common = {"num_classes": cfg.num_classes, "dtype": dtype, "cpu_ops": cpu_ops,
+              "rngs": nnx.Rngs(cfg.seed), **extra}
     if cfg.arch not in flaxres.list_models() and m:
-        return flaxres.cifar_resnet(int(m.group(1)), num_classes=cfg.num_classes, dtype=dtype,
-                                    cpu_ops=cpu_ops, rngs=nnx.Rngs(cfg.seed))
-    return flaxres.create_model(cfg.arch, num_classes=cfg.num_classes, seed=cfg.seed, dtype=dtype,
-                                cpu_ops=cpu_ops)
+        return flaxres.cifar_resnet(int(m.group(1)), **common)
+    if cfg.arch not in flaxres.list_models() and (w := re.fullmatch(r"wrn(\d+)_(\d+)", cfg.arch)):
+        return flaxres.registry.wide_resnet_cifar(int(w[1]), int(w[2]), **common)
+    try:
+        return flaxres.create_model(cfg.arch, num_classes=cfg.num_classes, seed=cfg.seed,
+                                    dtype=dtype, cpu_ops=cpu_ops, **extra)
+    except ValueError as e:
+        if extra and "dropout" in str(e):
+            raise ValueError(f"--dropout {cfg.dropout}: {cfg.arch} has no dropout (only the "
+                             "pre-activation nets do: preact_*, wrn*)") from None
+        raise
 
 
 def load_data(cfg: Config) -> tuple[data.Arrays, np.ndarray | None, np.ndarray | None]:

@@ -91,12 +91,14 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: 
     def loss_fn(params):
         # copy=True: fresh Variables at the grad trace level, so BatchNorm may update its stats.
         model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
+        # Dropout's masks: a key of the step's own, apart from the augmentation's.
+        rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.fold_in(state.key, state.step), 1))
         if probe:  # the same forward as model(x), keeping every block's output
-            feats = model.features(x, every_block=True)
-            logits = model.fc(feats[-1].mean(axis=(1, 2)))
+            feats = model.features(x, every_block=True, rngs=rngs)
+            logits = model.forward_head(model.head_norm(feats[-1]))
             act_std = jnp.stack([f.astype(jnp.float32).std() for f in feats])
         else:
-            logits, act_std = model(x), None
+            logits, act_std = model(x, rngs), None
         stats = nnx.state(model, nnx.BatchStat)
         return cross_entropy(logits, y).mean(), (logits, stats, act_std)
 

@@ -1,0 +1,2 @@
+"""Named training recipes for ``python -m train.cifar --recipe NAME``: one small file each, whose
+``RECIPE`` dict gives Config fields that the run takes as its defaults."""
