@@ -100,6 +100,12 @@ BY_ID = {a.id: a for a in CASES}
 # files): a BasicBlock net, a bottleneck net (with the ImageNet stem), a ResNeXt and a plain net
 # without BatchNorm. Shortcuts B and C get their float64 proof from the tiny trajectories.
 REPRESENTATIVE = frozenset({"resnet20", "resnet50", "resnext29_8x64d", "plain20[norm=False]"})
+# The zoo's wide, pre-activation and 64x4d nets: their per-net fp32 checks run with ``--full``
+# (the default tier proves their block kinds on TRAJ_TINY's pre-activation nets, in float64 and
+# fp32), which keeps the default tier within its time.
+FULL_ONLY = frozenset({"wide_resnet50_2", "wide_resnet101_2", "resnext101_64x4d",
+                       "preact_resnet18", "preact_resnet110", "preact_resnet164", "wrn28_10",
+                       "wrn16_8", "wrn40_4"})
 # The jitted-blocks path against the plain un-jitted model: every stem, block and norm kind.
 BLOCKWISE_DEFAULT = ("resnet20", "plain20[norm=False]", "resnet20[shortcut=C]")
 BLOCKWISE_FULL = ("resnet18", "resnext29_8x64d", "resnet164")

@@ -22,7 +22,7 @@ import torch
 from _pytest.nodes import Node
 
 import flaxres
-from parity.cases import CASES, PRECISIONS, REPRESENTATIVE
+from parity.cases import CASES, FULL_ONLY, PRECISIONS, REPRESENTATIVE
 from parity.checks import Case
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -57,7 +57,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     every = metafunc.config.getoption("--cases") == "all"
     for arch in (a for a in CASES if every or a.id in REPRESENTATIVE):
         for p in PRECISIONS if "precision" in metafunc.fixturenames else (None,):
-            full = arch.id not in REPRESENTATIVE and (
+            full = arch.id in FULL_ONLY or arch.id not in REPRESENTATIVE and (
                 p == "fp64" or "representative" in metafunc.definition.keywords)
             values = (arch, p) if p else (arch,)
             params.append(pytest.param(*values, id=f"{arch.id}-{p}" if p else arch.id,

@@ -159,6 +159,7 @@ class PreActResNet(nn.Module):
                  dropout=0.0):
         super().__init__()
         self.conv1 = nn.Conv2d(3, stem_width, 3, 1, 1, bias=False)
+        self.maxpool = nn.Identity()  # torchvision's attribute layout, so hooks work alike
         cin = stem_width
         for i, (n, planes) in enumerate(zip(layers, widths, strict=True)):
             blocks = []
@@ -172,7 +173,7 @@ class PreActResNet(nn.Module):
         _init(self)
 
     def forward(self, x):
-        x = self.conv1(x)
+        x = self.maxpool(self.conv1(x))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         x = F.relu(self.bn(x)) if self.bn is not None else x

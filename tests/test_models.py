@@ -292,7 +292,8 @@ def test_too_small_input():
 
 def test_list_models_filter():
     assert flaxres.list_models("^resnext") == ["resnext29_8x64d", "resnext29_16x64d",
-                                              "resnext50_32x4d", "resnext101_32x8d"]
+                                              "resnext50_32x4d", "resnext101_32x8d",
+                                              "resnext101_64x4d"]
     assert len(flaxres.list_models()) == len(set(flaxres.list_models()))
 
 

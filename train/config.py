@@ -183,7 +183,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line naming the flag and the cause (no usage block)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def add_flags(parser: Any, names: Iterable[str] | None = None, **defaults: Any) -> None:
