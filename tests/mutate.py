@@ -122,10 +122,8 @@ _FROM_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}""", CONVERT,
            breaks="eval mode normalises with the running statistics"),
     Mutant("bottleneck_stride_on_1x1", "flaxres/models.py",
            """        self.conv1 = L.conv(cin, width, 1)
-        self.bn1 = L.bn(width)
         self.conv2 = L.conv(width, width, 3, stride, groups)""",
            """        self.conv1 = L.conv(cin, width, 1, stride)
-        self.bn1 = L.bn(width)
         self.conv2 = L.conv(width, width, 3, 1, groups)""", MODELS,
            breaks="a Bottleneck strides on its 3x3 convolution"),
     Mutant("nesterov_ignored", "train/optim.py",

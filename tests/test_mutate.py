@@ -1,4 +1,5 @@
-"""tests/mutate.py's own bad flags: one line naming the flag, exit 2, no traceback."""
+"""tests/mutate.py itself: bad flags are one line naming the flag (exit 2, no traceback), and
+every mutant still applies to the code."""
 
 import subprocess
 import sys
@@ -16,3 +17,14 @@ def test_bad_flag_is_one_line_and_exit_2(flags: list[str], named: str):
                          text=True)
     assert out.returncode == 2
     assert named in out.stderr.splitlines()[-1] and "Traceback" not in out.stderr
+
+
+def test_every_mutant_still_finds_its_snippet_once():
+    """A code change that moves a mutant's snippet fails here, in the default tier, rather than
+    only in the slow mutation run."""
+    sys.path.insert(0, str(MUTATE.parent))
+    import mutate
+
+    for m in mutate.MUTANTS:
+        assert (mutate.ROOT / m.file).read_text().count(m.old) == 1, m.name
+        assert m.breaks, m.name
