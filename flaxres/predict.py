@@ -36,9 +36,10 @@ def imagenet_archs() -> list[str]:
     return [n for n in flaxres.list_models() if flaxres.model_stem(n) == "imagenet"]
 
 
-def preprocess(image: Image.Image, resize: int = 256, crop: int = 224) -> np.ndarray:
-    """torchvision's ``Resize(256), CenterCrop(224), ToTensor(), Normalize(mean, std)`` on a PIL
-    image, as an HWC float32 array: the same PIL calls and rounding torchvision makes."""
+def resize_center_crop(image: Image.Image, resize: int = 256, crop: int = 224) -> Image.Image:
+    """torchvision's ``Resize(resize), CenterCrop(crop)`` on a PIL image, as an RGB image: the
+    same PIL calls and rounding torchvision makes (shorter side to ``resize``, bilinear with
+    PIL's antialiasing; the crop's offsets rounded as ``CenterCrop`` rounds them)."""
     img = image.convert("RGB")
     w, h = img.size
     if w <= h:
@@ -49,7 +50,13 @@ def preprocess(image: Image.Image, resize: int = 256, crop: int = 224) -> np.nda
         img = img.resize(size, Image.BILINEAR)
     w, h = img.size
     top, left = round((h - crop) / 2.0), round((w - crop) / 2.0)
-    x = np.asarray(img.crop((left, top, left + crop, top + crop)), np.float32) / 255.0
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def preprocess(image: Image.Image, resize: int = 256, crop: int = 224) -> np.ndarray:
+    """torchvision's ``Resize(256), CenterCrop(224), ToTensor(), Normalize(mean, std)`` on a PIL
+    image, as an HWC float32 array."""
+    x = np.asarray(resize_center_crop(image, resize, crop), np.float32) / 255.0
     return (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
 
 
