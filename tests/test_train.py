@@ -181,20 +181,27 @@ def test_resume_after_sigkill_mid_epoch_equals_uninterrupted(env, reference):
     assert [m["cpu"] for m in machines] == [host.cpu_name()]  # resumed on the same machine
 
 
-def test_ctrl_c_saves_mid_epoch_and_resume_equals_uninterrupted(env, reference, capsys):
-    wd = env["root"] / "interrupted"
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_signal_saves_mid_epoch_and_resume_equals_uninterrupted(env, reference, capsys,
+                                                                   signum, code):
+    """Ctrl-C, or the SIGTERM a scheduler sends before it preempts: the run saves at the next
+    step boundary, says how to resume in one line and exits (0 for SIGTERM: stopped as asked),
+    and the resumed run ends exactly as the uninterrupted one."""
+    wd = env["root"] / f"interrupted-{signum}"
     stop = SPE + 5  # mid-epoch 2: the partial epoch is in the checkpoint
 
-    def ctrl_c_at(step: int) -> None:
+    def signal_at(step: int) -> None:
         if step == stop:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
 
     with pytest.raises(SystemExit) as e:
         loop.train(cifar.parse_args(["--data-dir", env["src"], *COMMON, "--epochs", "3",
-                                     "--workdir", str(wd)]), on_step=ctrl_c_at)
-    assert e.value.code == 130
-    err = capsys.readouterr().err
-    assert f"interrupted at step {stop}:" in err and "--resume" in err
+                                     "--workdir", str(wd)]), on_step=signal_at)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"{signal.Signals(signum).name} at step {stop}: saved "
+                       f"{wd / 'checkpoints' / 'last'}; continue with --workdir {wd} --resume")
     out = finish(cli(env, "--epochs", "3", "--workdir", str(wd), "--resume"))
     assert f"at step {stop} (epoch 2, {stop - SPE}/{SPE}" in out
     assert history(wd) == history(reference[0])

@@ -45,27 +45,33 @@ class Diverged(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C arrived; raised at the next step boundary, where the state is whole."""
+    """Ctrl-C or SIGTERM arrived; raised at the next step boundary, where the state is whole."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @contextlib.contextmanager
-def ctrl_c_at_step_boundary() -> Iterator[dict[str, bool]]:
-    """The first Ctrl-C only sets a flag (a KeyboardInterrupt inside a jitted call could lose
-    the donated state); the loop checks it after each step. A second Ctrl-C aborts at once."""
-    flag = {"set": False}
+def signals_at_step_boundary() -> Iterator[dict[str, int | None]]:
+    """The first Ctrl-C or SIGTERM only records itself (a KeyboardInterrupt inside a jitted call
+    could lose the donated state); the loop checks after each step, saves and stops. Cluster
+    schedulers send SIGTERM before they preempt a job. A second Ctrl-C aborts at once."""
+    flag: dict[str, int | None] = {"signum": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum, frame):
-        flag["set"] = True
+        flag["signum"] = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -273,7 +279,7 @@ class Checkpoints:
 
 
 def train_epoch(run: Run, cfg: Config, progress: Progress, epoch: int, first: int, end: int,
-                steps_per_epoch: int, report: Report, ctrl_c: dict[str, bool],
+                steps_per_epoch: int, report: Report, stop: dict[str, int | None],
                 on_step: Callable[[int], None] | None) -> None:
     """Steps ``first..end-1`` of ``epoch``; the progress bar syncs every ``--log-every`` steps,
     which is also where a NaN loss is noticed."""
@@ -288,8 +294,8 @@ def train_epoch(run: Run, cfg: Config, progress: Progress, epoch: int, first: in
         n_log += 1
         if on_step is not None:
             on_step(step)
-        if ctrl_c["set"]:
-            raise Interrupted
+        if stop["signum"] is not None:
+            raise Interrupted(stop["signum"])
         if n_log == cfg.log_every or i == end - 1:
             m = jax.device_get(progress.metrics)
             if m["nonfinite"]:
@@ -360,21 +366,22 @@ def train(cfg: Config, on_step: Callable[[int], None] | None = None) -> dict:
                f"{run.mesh.devices.size} {jax.devices()[0].platform} device(s) in "
                f"{jax.process_count()} process(es), {cfg.precision}")
     step = int(run.state.step)
-    with ctrl_c_at_step_boundary() as ctrl_c:
+    with signals_at_step_boundary() as stop:
         try:
             while step < total:
                 epoch, first = divmod(step, spe)
                 end = min(spe, total - epoch * spe)
                 t0 = time.perf_counter()
-                train_epoch(run, cfg, progress, epoch, first, end, spe, report, ctrl_c, on_step)
+                train_epoch(run, cfg, progress, epoch, first, end, spe, report, stop, on_step)
                 end_epoch(run, cfg, progress, ckpts, report, epoch, first, end,
                           time.perf_counter() - t0)
                 step = int(run.state.step)
-        except Interrupted:
+        except Interrupted as e:
             ckpts.save("last", run, progress, int(run.state.step) // spe)
-            print(f"\ninterrupted at step {int(run.state.step)}: saved {ckpts.dir / 'last'}; "
-                  f"continue with --workdir {work} --resume", file=sys.stderr)
-            raise SystemExit(130) from None
+            print(f"\n{e} at step {int(run.state.step)}: saved {ckpts.dir / 'last'}; continue "
+                  f"with --workdir {work} --resume", file=sys.stderr)
+            # SIGTERM is a scheduler's request to stop: done as asked. Ctrl-C is the user's.
+            raise SystemExit(0 if e.signum == signal.SIGTERM else 130) from None
         except Diverged as e:
             print(f"\nstopped: {e}. The last good checkpoint ({ckpts.dir / 'last'}, step "
                   f"{checkpoint.newest_step(ckpts.dir / 'last')}) is kept; try a lower --lr or "
