@@ -50,9 +50,9 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(e)) from None
     cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
     if cache or jax.config.jax_compilation_cache_dir:
-        from train import cifar
+        from train import cli
 
-        cifar.enable_compilation_cache(cache and cache.mkdir("xla"))
+        cli.enable_compilation_cache(cache and cache.mkdir("xla"))
 
 
 @pytest.fixture(scope="session")

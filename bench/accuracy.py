@@ -38,7 +38,7 @@ from bench.speed.report import machine
 from flaxres.checkpoint import CheckpointError
 from flaxres.cpu.malloc import retain_freed_memory
 from parity.reference import create_torch_model
-from train import cifar, loop
+from train import cli, loop
 from train.config import Config, add_flags
 from train.data import DataError
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "torch-seed<S>.pt) and continue what an interrupted call left; "
                         "default: nothing kept")
     args = p.parse_args(argv)
-    cifar.enable_compilation_cache()
+    cli.enable_compilation_cache()
     try:
         return compare(args)
     except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:

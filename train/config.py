@@ -35,13 +35,14 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES.glob("*.py") if not p.stem.startswith("_"))
 
 
-def load_recipe(name: str) -> dict[str, Any]:
-    """A recipe file's ``RECIPE``: Config field values a run takes as its defaults."""
+def load_recipe(name: str, config: type | None = None) -> dict[str, Any]:
+    """A recipe file's ``RECIPE``: field values of ``config`` (default :class:`Config`) that a
+    run takes as its defaults."""
     if name not in recipe_names():
         raise ValueError(f"--recipe {name}: no such recipe; train/recipes/ has "
                          f"{', '.join(recipe_names())}")
     recipe = importlib.import_module(f"train.recipes.{name}").RECIPE
-    unknown = set(recipe) - {f.name for f in dataclasses.fields(Config)}
+    unknown = set(recipe) - {f.name for f in dataclasses.fields(config or Config)}
     if unknown:
         raise ValueError(f"train/recipes/{name}.py sets unknown fields {sorted(unknown)}")
     return recipe
@@ -186,14 +187,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_flags(parser: Any, names: Iterable[str] | None = None, **defaults: Any) -> None:
-    """Declares :class:`Config`'s fields ``names`` (default: all) as flags on an argparse parser
-    or pytest's (``addoption``), with their help, type and choices; ``defaults`` overrides a
-    field's default for this command."""
+def add_flags(parser: Any, names: Iterable[str] | None = None, *, config: type | None = None,
+              **defaults: Any) -> None:
+    """Declares the fields ``names`` (default: all) of ``config`` (default :class:`Config`) as
+    flags on an argparse parser or pytest's (``addoption``), with their help, type and choices;
+    ``defaults`` overrides a field's default for this command."""
     add = getattr(parser, "add_argument", None) or parser.addoption
-    hints = typing.get_type_hints(Config)
+    config = config or Config
+    hints = typing.get_type_hints(config)
     wanted = None if names is None else set(names)
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(config):
         if wanted is not None and f.name not in wanted:
             continue
         default = defaults.get(f.name, f.default)

@@ -24,7 +24,7 @@ def restore(cfg: Config) -> tuple[Config, Run, dict]:
         return _restore_weights(cfg)
     directory, step = checkpoint.resolve(cfg.checkpoint)
     meta = checkpoint.restore_meta(directory, step)
-    saved = Config.from_dict(meta["config"])
+    saved = type(cfg).from_dict(meta["config"])
     saved.init_from = None  # the checkpoint has the weights
     saved.data_dir = cfg.data_dir or saved.data_dir
     saved.cache_dir = cfg.cache_dir or saved.cache_dir

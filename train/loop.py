@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +125,31 @@ class EvalSet(NamedTuple):
     num_batches: int
     step: Callable
 
+    def sums(self, state: steps.TrainState, metrics: dict[str, jax.Array]) -> dict:
+        for i in range(self.num_batches):
+            metrics = self.step(state, metrics, self.images, self.labels, jnp.int32(i))
+        return metrics
+
+
+class DeviceFeed:
+    """Training batches from a dataset on the device: each epoch's order is drawn there from
+    the seed and the epoch alone, so the feed has no state of its own to checkpoint."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def batches(self, epoch: int, first: int, end: int) -> Iterator[tuple]:
+        """``run.train_step``'s arguments after the state and metrics, for steps first..end-1."""
+        perm = self.run.permute(epoch)
+        for i in range(first, end):
+            yield perm, self.run.train_x, self.run.train_y, jnp.int32(i)
+
+    def state(self) -> None:
+        return None
+
+    def restore(self, state: None) -> None:
+        pass
+
 
 @dataclass
 class Run:
@@ -143,7 +168,8 @@ class Run:
     train_x: jax.Array | None = None
     train_y: jax.Array | None = None
     permute: Callable[[int], jax.Array] | None = None  # epoch -> that epoch's data order
-    eval_sets: dict[str, EvalSet] = field(default_factory=dict)
+    eval_sets: dict[str, EvalSet] = field(default_factory=dict)  # or any object with .sums
+    feed: Any = None  # where training batches come from: a DeviceFeed, or a streaming one
 
 
 def setup(cfg: Config, arrays: data.Arrays | None, steps_per_epoch: int = 1,
@@ -165,8 +191,12 @@ def setup(cfg: Config, arrays: data.Arrays | None, steps_per_epoch: int = 1,
               schedule=cfg.lr_schedule(steps_per_epoch),
               state=parallel.replicate(state, mesh), eval_def=eval_def,
               eval_batch_size=max(ndev, cfg.eval_batch_size // ndev * ndev), **static,
+              # A dataset on the device is gathered (and augmented) there; without one the
+              # batches come from a streaming input pipeline, augmented on the host.
               train_step=steps.jit_train_step(mesh, train_def, tx, batch_size=cfg.batch_size,
-                                              augment=cfg.augment, **static),
+                                              augment=cfg.augment, **static)
+              if arrays is not None else
+              steps.jit_batch_step(mesh, train_def, tx, batch_size=cfg.batch_size, **static),
               predict=jax.jit(lambda s, x: steps.predict_probs(eval_def, s, x, **static)))
     if arrays is not None:
         run.train_x, run.train_y = parallel.replicate(
@@ -175,6 +205,7 @@ def setup(cfg: Config, arrays: data.Arrays | None, steps_per_epoch: int = 1,
         permute = jax.jit(data.epoch_permutation, static_argnums=(1, 2),
                           out_shardings=run.replicated)
         run.permute = lambda epoch: permute(order_key, epoch, len(arrays.train_labels))
+        run.feed = DeviceFeed(run)
     return run
 
 
@@ -198,11 +229,7 @@ def zero_metrics(run: Run) -> dict[str, jax.Array]:
 def evaluate(run: Run, name: str) -> dict[str, float]:
     """Loss and accuracy on eval set ``name``: each device evaluates its shard of every batch;
     the sums are reduced over all devices of all processes."""
-    es = run.eval_sets[name]
-    m = zero_metrics(run)
-    for i in range(es.num_batches):
-        m = es.step(run.state, m, es.images, es.labels, jnp.int32(i))
-    m = jax.device_get(m)
+    m = jax.device_get(run.eval_sets[name].sums(run.state, zero_metrics(run)))
     return {f"{name}_loss": float(m["loss_sum"] / m["count"]),
             f"{name}_acc": float(m["correct"] / m["count"])}
 
@@ -239,7 +266,8 @@ class Checkpoints:
     def save(self, which: str, run: Run, progress: Progress, epoch: int) -> None:
         meta = {"epoch": epoch, "config": self.cfg.to_dict(), "history": progress.history,
                 "best": progress.best, "classes": list(self.classes),
-                "steps_per_epoch": self.steps_per_epoch, "machines": progress.machines}
+                "steps_per_epoch": self.steps_per_epoch, "machines": progress.machines,
+                "input": run.feed.state()}  # a streaming pipeline's position, saved with the state
         checkpoint.save(self.dir / which, int(run.state.step),
                         {"state": run.state, "metrics": progress.metrics}, meta)
 
@@ -258,7 +286,7 @@ class Checkpoints:
             raise ValueError(f"{self.dir} already holds a run: pass --resume to continue it or "
                              "choose another --workdir")
         meta = checkpoint.restore_meta(last, step)
-        saved = Config.from_dict(meta["config"])
+        saved = type(self.cfg).from_dict(meta["config"])
         diff = [k for k in RESUME_FIXED if getattr(saved, k) != getattr(self.cfg, k)]
         if diff:
             raise ValueError(f"--resume: {', '.join(diff)} differ from the checkpoint in "
@@ -266,6 +294,7 @@ class Checkpoints:
         tree = checkpoint.restore_state(last, step, {"state": run.state,
                                                      "metrics": progress.metrics})
         run.state = tree["state"]
+        run.feed.restore(meta.get("input"))
         spe = self.steps_per_epoch
         report.say(f"resumed from {last} at step {step} (epoch {step // spe + 1}, "
                    f"{step % spe}/{spe} steps into it)")
@@ -283,13 +312,11 @@ def train_epoch(run: Run, cfg: Config, progress: Progress, epoch: int, first: in
                 on_step: Callable[[int], None] | None) -> None:
     """Steps ``first..end-1`` of ``epoch``; the progress bar syncs every ``--log-every`` steps,
     which is also where a NaN loss is noticed."""
-    perm = run.permute(epoch)
     bar = report.progress_bar(epoch, first, end)
     t_log = time.perf_counter()
     n_log = 0
-    for i in range(first, end):
-        run.state, progress.metrics = run.train_step(run.state, progress.metrics, perm,
-                                                     run.train_x, run.train_y, jnp.int32(i))
+    for i, batch in zip(range(first, end), run.feed.batches(epoch, first, end)):
+        run.state, progress.metrics = run.train_step(run.state, progress.metrics, *batch)
         step = epoch * steps_per_epoch + i + 1
         n_log += 1
         if on_step is not None:
@@ -337,10 +364,11 @@ def selection_metric(run: Run) -> str:
 
 
 def train(cfg: Config, on_step: Callable[[int], None] | None = None) -> dict:
-    """Trains, checkpoints and logs; returns ``{"best_acc", "final_acc", "history", ...}``.
+    """Trains on CIFAR held on the device (:func:`fit`); returns ``{"best_acc", "final_acc",
+    "history", ...}``.
 
     ``on_step(step)`` runs after each step is dispatched: a hook for tests that must act at a
-    known step (e.g. deliver Ctrl-C there).
+    known step (e.g. deliver a signal there).
     """
     arrays, val_x, val_y = load_data(cfg)
     n_train = len(arrays.train_labels)
@@ -348,20 +376,26 @@ def train(cfg: Config, on_step: Callable[[int], None] | None = None) -> dict:
     if spe == 0:
         raise ValueError(f"{n_train} training images are fewer than one batch of "
                          f"{cfg.batch_size}")
-    total = cfg.total_steps(spe)
     run = setup(cfg, arrays, spe)
     run.eval_sets["test"] = make_eval_set(run, arrays.test_images, arrays.test_labels)
     if val_x is not None:
         run.eval_sets["val"] = make_eval_set(run, val_x, val_y)
+    return fit(cfg, run, arrays.classes, n_train, spe, cfg.dataset, on_step)
 
+
+def fit(cfg: Config, run: Run, classes: tuple[str, ...], n_train: int, spe: int, data_name: str,
+        on_step: Callable[[int], None] | None = None) -> dict:
+    """The loop every trainer shares: resume or start, train epoch by epoch from ``run.feed``,
+    evaluate ``run.eval_sets``, checkpoint, log; a signal saves and stops, a NaN loss stops."""
+    total = cfg.total_steps(spe)
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
     report = Report(work, parallel.is_main_process(),
-                    f"{cfg.arch} on {cfg.dataset}" if cfg.plot else None)
-    ckpts = Checkpoints(cfg, arrays.classes, spe)
+                    f"{cfg.arch} on {data_name}" if cfg.plot else None)
+    ckpts = Checkpoints(cfg, classes, spe)
     progress = ckpts.start(run, report)
     report.restart(progress.history)
-    report.say(f"{cfg.arch} on {cfg.dataset}: {n_train} train images, {spe} steps/epoch, "
+    report.say(f"{cfg.arch} on {data_name}: {n_train} train images, {spe} steps/epoch, "
                f"{total} steps ({math.ceil(total / spe)} epochs), batch {cfg.batch_size} over "
                f"{run.mesh.devices.size} {jax.devices()[0].platform} device(s) in "
                f"{jax.process_count()} process(es), {cfg.precision}")

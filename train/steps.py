@@ -75,7 +75,19 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: 
                labels: jax.Array, index: jax.Array, *, batch_size: int, mean: Sequence[float],
                std: Sequence[float], augment: bool, batch_sharding: NamedSharding,
                probe: bool = False) -> tuple:
-    """One SGD step on batch ``index`` of the epoch order ``perm`` (mean cross-entropy).
+    """One SGD step on batch ``index`` of the epoch order ``perm`` of a dataset on the device
+    (:func:`train_batch`, then :func:`batch_step`)."""
+    x, y = train_batch(state, perm, images, labels, index, batch_size=batch_size,
+                       augment=augment, batch_sharding=batch_sharding)
+    return batch_step(graphdef, tx, state, metrics, x, y, batch_size=batch_size, mean=mean,
+                      std=std, probe=probe)
+
+
+def batch_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState,
+               metrics: dict[str, jax.Array], x: jax.Array, y: jax.Array, *, batch_size: int,
+               mean: Sequence[float], std: Sequence[float], probe: bool = False) -> tuple:
+    """One SGD step (mean cross-entropy) on a uint8 batch ``x`` with labels ``y``, already
+    gathered and augmented (on the device, or by a streaming input pipeline).
 
     Returns ``(state, metrics)``; with ``probe`` (static) also a third item, the measurements of
     the degradation study (``train.degradation``) taken from this very step, so they cost no
@@ -84,8 +96,6 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: 
     and every block's output, in depth order) and ``logit_std`` (the logits' spread over the
     batch, mean over classes: near 0 when the net ignores its input).
     """
-    x, y = train_batch(state, perm, images, labels, index, batch_size=batch_size,
-                       augment=augment, batch_sharding=batch_sharding)
     x = data.normalize(x, mean, std)
 
     def loss_fn(params):
@@ -125,13 +135,20 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, metrics: dict[str, jax.
               images: jax.Array, labels: jax.Array, index: jax.Array, *, batch_size: int,
               num_valid: int, mean: Sequence[float], std: Sequence[float],
               batch_sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Sums of loss and correct predictions over eval batch ``index``; rows past ``num_valid``
-    (padding to a whole batch) are masked out."""
+    """Sums of loss and correct predictions over eval batch ``index`` of a split on the device;
+    rows past ``num_valid`` (padding to a whole batch) are masked out."""
     start = index * batch_size
     x = jax.lax.dynamic_slice_in_dim(images, start, batch_size)
     y = jax.lax.dynamic_slice_in_dim(labels, start, batch_size)
     x = jax.lax.with_sharding_constraint(x, batch_sharding)
     valid = (start + jnp.arange(batch_size)) < num_valid
+    return eval_batch(graphdef, state, metrics, x, y, valid, mean=mean, std=std)
+
+
+def eval_batch(graphdef: nnx.GraphDef, state: TrainState, metrics: dict[str, jax.Array],
+               x: jax.Array, y: jax.Array, valid: jax.Array, *, mean: Sequence[float],
+               std: Sequence[float]) -> dict[str, jax.Array]:
+    """Sums of loss and correct predictions over the rows of a uint8 batch where ``valid``."""
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     logits = model(data.normalize(x, mean, std))
     loss = jnp.where(valid, cross_entropy(logits, y), 0.0)
@@ -179,3 +196,16 @@ def jit_eval_step(mesh: Mesh, graphdef: nnx.GraphDef, **static) -> Callable:
     fn = functools.partial(eval_step, graphdef, batch_sharding=NamedSharding(mesh, P("data")),
                            **static)
     return jax.jit(fn, donate_argnums=(1,), out_shardings=replicated(mesh))
+
+
+def jit_batch_step(mesh: Mesh, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                   **static) -> Callable:
+    """``batch_step`` for global batches the input pipeline made; state and metrics donated."""
+    rep = replicated(mesh)
+    fn = functools.partial(batch_step, graphdef, tx, **static)
+    return jax.jit(fn, donate_argnums=(0, 1), out_shardings=(rep, rep))
+
+
+def jit_eval_batch(mesh: Mesh, graphdef: nnx.GraphDef, **static) -> Callable:
+    return jax.jit(functools.partial(eval_batch, graphdef, **static), donate_argnums=(1,),
+                   out_shardings=replicated(mesh))
