@@ -1,7 +1,7 @@
 """Initial weights drawn as PyTorch draws them, layer by layer: torchvision's Kaiming-normal
 (fan_out, ReLU gain) for every convolution, ``nn.Linear``'s default uniform for the head, ones
 and zeros for BatchNorm. Each flaxres layer's mean and std must equal the PyTorch reference's
-within sampling error, on nets with stride-2, projection, grouped and 7x7 convolutions, where
+within sampling error, on nets with stride-2, projection, 7x7 and pre-activation convolutions, where
 fan_in and fan_out differ (a swapped fan mode or gain moves their std by 1.4x or more)."""
 
 import numpy as np
@@ -12,7 +12,7 @@ import flaxres
 from flaxres.convert import named_arrays
 from parity.reference import create_torch_model
 
-ARCHS = ("resnet20", "resnet164", "resnet18", "resnext29_8x64d")
+ARCHS = ("resnet20", "resnet164", "resnet18", "preact_resnet164")
 Z_MAX = 5.0  # standard errors: over ~300 layers a true match exceeds this with p < 1e-4
 
 

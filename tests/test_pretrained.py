@@ -273,8 +273,7 @@ def test_safetensors_file(tmp_path):
 MIXED = (("fc", "shortcut"), ("linear", "downsample"))
 WRAPPERS = (lambda sd: {"net": _dp(sd)}, lambda sd: {"state_dict": sd},
             lambda sd: {"model": _dp(sd), "epoch": 3}, lambda sd: sd)
-HAND_WRITTEN_DEFAULT = ("resnet20", "plain20", "resnet164", "resnet18_cifar", "resnet50",
-                        "resnext29_8x64d")
+HAND_WRITTEN_DEFAULT = ("resnet20", "plain20", "resnet164", "resnet18_cifar", "preact_resnet18")
 
 
 def _hand_written(sd: dict, head: str, shortcut: str) -> dict:

@@ -16,7 +16,7 @@ from scipy import stats
 from train import transforms
 
 SIZES = [(500, 375), (375, 500), (257, 301), (640, 427), (224, 225), (1000, 120)]
-DRAWS = 3000
+DRAWS = 2000
 
 
 def jpeg(width: int, height: int, seed: int = 0) -> Image.Image:
