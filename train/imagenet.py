@@ -61,7 +61,8 @@ class ImageNetConfig(Config):
 
 class StreamFeed:
     """Training batches from the input pipeline: batch ``s`` of the endless dataset is step
-    ``s``'s, so the position a checkpoint keeps is the step itself."""
+    ``s``'s, so the iterator's position is the step the checkpoint holds with the model and
+    the optimizer, and a resumed run starts its iterator there."""
 
     def __init__(self, dataset, mesh, workers: int, steps_per_epoch: int):
         self.dataset, self.mesh, self.workers = dataset, mesh, workers
@@ -77,12 +78,6 @@ class StreamFeed:
             yield next(self._it)
             step += 1
             self._next = step
-
-    def state(self) -> dict:
-        return {"next_batch": self._next}
-
-    def restore(self, state: dict | None) -> None:
-        pass  # the loop restarts from the checkpoint's step, which names the batch
 
 
 class StreamEvalSet:

@@ -133,7 +133,8 @@ class EvalSet(NamedTuple):
 
 class DeviceFeed:
     """Training batches from a dataset on the device: each epoch's order is drawn there from
-    the seed and the epoch alone, so the feed has no state of its own to checkpoint."""
+    the seed and the epoch alone, so the step the checkpoint holds says where a resumed run
+    goes on."""
 
     def __init__(self, run: Run):
         self.run = run
@@ -143,12 +144,6 @@ class DeviceFeed:
         perm = self.run.permute(epoch)
         for i in range(first, end):
             yield perm, self.run.train_x, self.run.train_y, jnp.int32(i)
-
-    def state(self) -> None:
-        return None
-
-    def restore(self, state: None) -> None:
-        pass
 
 
 @dataclass
@@ -266,8 +261,7 @@ class Checkpoints:
     def save(self, which: str, run: Run, progress: Progress, epoch: int) -> None:
         meta = {"epoch": epoch, "config": self.cfg.to_dict(), "history": progress.history,
                 "best": progress.best, "classes": list(self.classes),
-                "steps_per_epoch": self.steps_per_epoch, "machines": progress.machines,
-                "input": run.feed.state()}  # a streaming pipeline's position, saved with the state
+                "steps_per_epoch": self.steps_per_epoch, "machines": progress.machines}
         checkpoint.save(self.dir / which, int(run.state.step),
                         {"state": run.state, "metrics": progress.metrics}, meta)
 
@@ -294,7 +288,6 @@ class Checkpoints:
         tree = checkpoint.restore_state(last, step, {"state": run.state,
                                                      "metrics": progress.metrics})
         run.state = tree["state"]
-        run.feed.restore(meta.get("input"))
         spe = self.steps_per_epoch
         report.say(f"resumed from {last} at step {step} (epoch {step // spe + 1}, "
                    f"{step % spe}/{spe} steps into it)")
