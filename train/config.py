@@ -26,7 +26,8 @@ from train import optim
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
-def _f(default, help: str, **kw):
+def flag(default, help: str, **kw):
+    """A config field whose ``help`` (and argparse options such as ``choices``) make its flag."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -50,87 +51,87 @@ def load_recipe(name: str, config: type | None = None) -> dict[str, Any]:
 
 @dataclass
 class Config:
-    recipe: str | None = _f(None, "a named recipe from train/recipes/ whose settings become the "
+    recipe: str | None = flag(None, "a named recipe from train/recipes/ whose settings become the "
                             f"defaults (explicit flags still win): {', '.join(recipe_names())}")
-    arch: str = _f("resnet20", "architecture: any flaxres.list_models() name, or any CIFAR "
+    arch: str = flag("resnet20", "architecture: any flaxres.list_models() name, or any CIFAR "
                    "resnetN with N = 6n+2 (e.g. resnet8)")
-    dataset: str = _f("cifar10", "dataset", choices=("cifar10", "cifar100"))
-    data_dir: str | None = _f(None, "data source: an image folder split/class/*.png|jpg (or its "
+    dataset: str = flag("cifar10", "dataset", choices=("cifar10", "cifar100"))
+    data_dir: str | None = flag(None, "data source: an image folder split/class/*.png|jpg (or its "
                               ".tar.gz), the official CIFAR python or binary archive (tarred or "
                               "extracted) or a tfds data_dir; default: tensorflow-datasets' "
                               "default location (downloads when online; offline it stops after "
                               "a 3 s connection probe). A corrupt image or truncated archive "
                               "stops the run with an error naming the file, and nothing is "
                               "cached")
-    cache_dir: str | None = _f(None, "where decoded uint8 arrays are cached (default "
+    cache_dir: str | None = flag(None, "where decoded uint8 arrays are cached (default "
                                "$FLAXRES_CACHE or ~/.cache/flaxres)")
-    workdir: str = _f("runs/cifar", "output folder: checkpoints/, metrics.jsonl, curves.png")
-    epochs: int | None = _f(None, "epochs to train (overrides the schedule's length)")
-    steps: int | None = _f(None, "iterations to train (overrides --epochs); default with "
+    workdir: str = flag("runs/cifar", "output folder: checkpoints/, metrics.jsonl, curves.png")
+    epochs: int | None = flag(None, "epochs to train (overrides the schedule's length)")
+    steps: int | None = flag(None, "iterations to train (overrides --epochs); default with "
                            "neither: 64000, the paper's")
-    batch_size: int = _f(128, "global batch size, split over all devices")
-    eval_batch_size: int = _f(1000, "evaluation batch size")
-    lr: float = _f(0.1, "base learning rate")
-    momentum: float = _f(0.9, "SGD momentum (PyTorch semantics)")
-    nesterov: bool = _f(False, "Nesterov momentum")
-    weight_decay: float = _f(1e-4, "L2 weight decay added to the gradient (paper 1e-4; the "
+    batch_size: int = flag(128, "global batch size, split over all devices")
+    eval_batch_size: int = flag(1000, "evaluation batch size")
+    lr: float = flag(0.1, "base learning rate")
+    momentum: float = flag(0.9, "SGD momentum (PyTorch semantics)")
+    nesterov: bool = flag(False, "Nesterov momentum")
+    weight_decay: float = flag(1e-4, "L2 weight decay added to the gradient (paper 1e-4; the "
                              "popular seeds use 5e-4)")
-    schedule: str = _f("paper", "lr schedule: 'paper' = /10 at 50%% and 75%% of training "
+    schedule: str = flag("paper", "lr schedule: 'paper' = /10 at 50%% and 75%% of training "
                        "(32k and 48k of 64k iterations); 'multistep' = /10 at --milestones "
                        "epochs; 'cosine' = per-iteration cosine decay to 0",
                        choices=("paper", "multistep", "cosine"))
-    milestones: tuple[int, ...] | None = _f(None, "multistep epoch milestones (default: 1/2 and "
+    milestones: tuple[int, ...] | None = flag(None, "multistep epoch milestones (default: 1/2 and "
                                             "3/4 of the epochs, as the course notebook)")
-    lr_gamma: float = _f(0.1, "lr factor at each multistep milestone (the Wide ResNets': 0.2)")
-    warmup: str = _f("auto", "lr = lr/10 for the first --warmup-steps iterations; 'auto' = on "
+    lr_gamma: float = flag(0.1, "lr factor at each multistep milestone (the Wide ResNets': 0.2)")
+    warmup: str = flag("auto", "lr = lr/10 for the first --warmup-steps iterations; 'auto' = on "
                      f"for {', '.join(optim.WARMUP_ARCHS)} as in the paper",
                      choices=("auto", "on", "off"))
-    warmup_steps: int = _f(optim.PAPER_WARMUP_STEPS, "warm-up length in iterations")
-    val_split: int = _f(0, "hold out this many training images as a validation set (the "
+    warmup_steps: int = flag(optim.PAPER_WARMUP_STEPS, "warm-up length in iterations")
+    val_split: int = flag(0, "hold out this many training images as a validation set (the "
                         "paper: 5000, i.e. 45k/5k); the best checkpoint is then chosen by "
                         "validation accuracy")
-    mean: tuple[float, ...] = _f(CIFAR_MEAN, "normalisation mean (RGB, 0..1 scale)")
-    std: tuple[float, ...] = _f(CIFAR_STD, "normalisation std (RGB, 0..1 scale)")
-    augment: bool = _f(True, "4-px zero pad + random 32x32 crop + horizontal flip (on device); "
+    mean: tuple[float, ...] = flag(CIFAR_MEAN, "normalisation mean (RGB, 0..1 scale)")
+    std: tuple[float, ...] = flag(CIFAR_STD, "normalisation std (RGB, 0..1 scale)")
+    augment: bool = flag(True, "4-px zero pad + random 32x32 crop + horizontal flip (on device); "
                        "--no-augment turns it off")
-    subset: int | None = _f(None, "train on a fixed random N-image subset of the training set, "
+    subset: int | None = flag(None, "train on a fixed random N-image subset of the training set, "
                             "the same for every seed (quick runs)")
-    seed: int = _f(0, "seed for initial weights, data order, augmentation and the val split")
-    dropout: float = _f(0.0, "dropout rate between the convs of each block, for the nets that "
+    seed: int = flag(0, "seed for initial weights, data order, augmentation and the val split")
+    dropout: float = flag(0.0, "dropout rate between the convs of each block, for the nets that "
                         "have it (the pre-activation and Wide ResNets: preact_*, wrn*)")
-    precision: str = _f("fp32", "compute dtype (parameters stay fp32)", choices=("fp32", "bf16"))
-    matmul_precision: str = _f("tf32", "fp32 matmul/convolution precision on GPUs: 'tf32' lets "
+    precision: str = flag("fp32", "compute dtype (parameters stay fp32)", choices=("fp32", "bf16"))
+    matmul_precision: str = flag("tf32", "fp32 matmul/convolution precision on GPUs: 'tf32' lets "
                                "them use TensorFloat-32 (as PyTorch's cuDNN convolutions do by "
                                "default), 'highest' computes true fp32; the CPU always computes "
                                "fp32", choices=("tf32", "highest"))
-    cpu_conv: str | None = _f(None, "who runs fp32 convolutions and BatchNorm on the CPU: "
+    cpu_conv: str | None = flag(None, "who runs fp32 convolutions and BatchNorm on the CPU: "
                               "'onednn' (oneDNN through jax.ffi, needs the C++ extension; "
                               "docs/onednn.md) or 'xla'; default: onednn where the extension is "
                               "built, else xla; other platforms always use their own",
                               choices=("xla", "onednn"))
-    log_every: int = _f(20, "progress-bar refresh interval in steps (each refresh syncs)")
-    init_from: str | None = _f(None, "start from these weights: a .pth/.pt/.th (torchvision, "
+    log_every: int = flag(20, "progress-bar refresh interval in steps (each refresh syncs)")
+    init_from: str | None = flag(None, "start from these weights: a .pth/.pt/.th (torchvision, "
                                "akamaster or kuangliu layout), .safetensors, Orbax workdir or "
                                "https:// / file:// URL; a head for other classes is replaced by "
                                "a fresh one (fine-tuning)")
-    freeze_backbone: bool = _f(False, "with --init-from: train only the classifier head (fc); "
+    freeze_backbone: bool = flag(False, "with --init-from: train only the classifier head (fc); "
                                "BatchNorm statistics still adapt, as in PyTorch")
-    resume: bool = _f(False, "continue from <workdir>/checkpoints/last")
-    eval_only: bool = _f(False, "only evaluate --checkpoint on the test set")
-    checkpoint: str | None = _f(None, "checkpoint for --eval-only / --predict: a workdir, its "
+    resume: bool = flag(False, "continue from <workdir>/checkpoints/last")
+    eval_only: bool = flag(False, "only evaluate --checkpoint on the test set")
+    checkpoint: str | None = flag(None, "checkpoint for --eval-only / --predict: a workdir, its "
                                 "checkpoints/ folder, or checkpoints/last|best")
-    predict: tuple[str, ...] | None = _f(None, "image files to classify with --checkpoint; prints "
+    predict: tuple[str, ...] | None = flag(None, "image files to classify with --checkpoint; prints "
                                          "the top-k classes with probabilities")
-    top_k: int = _f(5, "classes shown per image by --predict")
-    plot: bool = _f(True, "write <workdir>/curves.png every epoch")
-    distributed: bool = _f(False, "multi-host: call jax.distributed.initialize() first (one "
+    top_k: int = flag(5, "classes shown per image by --predict")
+    plot: bool = flag(True, "write <workdir>/curves.png every epoch")
+    distributed: bool = flag(False, "multi-host: call jax.distributed.initialize() first (one "
                            "process per host; SLURM, Open MPI, Cloud TPU and Kubernetes are "
                            "auto-detected, else give the next three flags)")
-    coordinator: str | None = _f(None, "with --distributed: host:port of process 0 (or "
+    coordinator: str | None = flag(None, "with --distributed: host:port of process 0 (or "
                                  "$JAX_COORDINATOR_ADDRESS)")
-    num_processes: int | None = _f(None, "with --distributed: number of processes")
-    process_id: int | None = _f(None, "with --distributed: this process's index")
-    peer_timeout: int = _f(60, "with --distributed: seconds after which a silent process is "
+    num_processes: int | None = flag(None, "with --distributed: number of processes")
+    process_id: int | None = flag(None, "with --distributed: this process's index")
+    peer_timeout: int = flag(60, "with --distributed: seconds after which a silent process is "
                            "declared dead and the others stop with an error")
 
     @property

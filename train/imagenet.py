@@ -27,7 +27,7 @@ from flaxres.cpu.malloc import retain_freed_memory
 from flaxres.registry import IMAGENET_MEAN, IMAGENET_STD
 from train import cli, loop, steps
 from train import input as pipeline
-from train.config import Config, _f
+from train.config import Config, flag
 from train.data import DataError
 
 
@@ -36,27 +36,27 @@ class ImageNetConfig(Config):
     """:class:`Config` with torchvision's ImageNet recipe as the defaults, and the input
     pipeline's settings."""
 
-    arch: str = _f("resnet50", "architecture: any flaxres.list_models() name")
-    data_dir: str | None = _f(None, "an image folder {train,val}/<class>/<image> (torchvision's "
+    arch: str = flag("resnet50", "architecture: any flaxres.list_models() name")
+    data_dir: str | None = flag(None, "an image folder {train,val}/<class>/<image> (torchvision's "
                               "ImageFolder layout), or an uncompressed .tar of it")
-    image_size: int = _f(224, "training crop and evaluation size in pixels (evaluation resizes "
+    image_size: int = flag(224, "training crop and evaluation size in pixels (evaluation resizes "
                          "the shorter side to size / 0.875 first)")
-    workers: int = _f(min(8, os.cpu_count() or 1), "processes that decode and augment images "
+    workers: int = flag(min(8, os.cpu_count() or 1), "processes that decode and augment images "
                       "(0: in the training process)")
-    num_classes: int = _f(0, "classes of the head (default 0: the training folder's)")
-    workdir: str = _f("runs/imagenet", "output folder: checkpoints/, metrics.jsonl, curves.png")
-    epochs: int | None = _f(90, "epochs to train")
-    batch_size: int = _f(256, "global batch size, split over all devices and processes")
-    eval_batch_size: int = _f(256, "evaluation batch size")
-    lr: float = _f(0.1, "base learning rate (torchvision's: 0.1 for a batch of 256)")
-    schedule: str = _f("multistep", "lr schedule: 'multistep' = x --lr-gamma at --milestones "
+    num_classes: int = flag(0, "classes of the head (default 0: the training folder's)")
+    workdir: str = flag("runs/imagenet", "output folder: checkpoints/, metrics.jsonl, curves.png")
+    epochs: int | None = flag(90, "epochs to train")
+    batch_size: int = flag(256, "global batch size, split over all devices and processes")
+    eval_batch_size: int = flag(256, "evaluation batch size")
+    lr: float = flag(0.1, "base learning rate (torchvision's: 0.1 for a batch of 256)")
+    schedule: str = flag("multistep", "lr schedule: 'multistep' = x --lr-gamma at --milestones "
                        "epochs; 'cosine' = per-iteration cosine decay to 0; 'paper' = /10 at 50%% "
                        "and 75%%", choices=("paper", "multistep", "cosine"))
-    milestones: tuple[int, ...] | None = _f((30, 60), "multistep epoch milestones")
-    warmup: str = _f("off", "lr = lr/10 for the first --warmup-steps iterations",
+    milestones: tuple[int, ...] | None = flag((30, 60), "multistep epoch milestones")
+    warmup: str = flag("off", "lr = lr/10 for the first --warmup-steps iterations",
                      choices=("auto", "on", "off"))
-    mean: tuple[float, ...] = _f(IMAGENET_MEAN, "normalisation mean (RGB, 0..1 scale)")
-    std: tuple[float, ...] = _f(IMAGENET_STD, "normalisation std (RGB, 0..1 scale)")
+    mean: tuple[float, ...] = flag(IMAGENET_MEAN, "normalisation mean (RGB, 0..1 scale)")
+    std: tuple[float, ...] = flag(IMAGENET_STD, "normalisation std (RGB, 0..1 scale)")
 
 
 class StreamFeed:
