@@ -53,7 +53,7 @@ def from_workdir(path: Path) -> dict:
     holding one flaxres run: the last checkpoint's config, its last epoch's test accuracy, and
     its summed epoch times as ``bench.accuracy`` counts them. The "best" checkpoint is never
     read: without a validation split it is chosen on the test set."""
-    last = path / "checkpoints" / "last"
+    last = path / checkpoint.CHECKPOINTS / "last"
     step = checkpoint.newest_step(last)
     if step is None:
         raise ValueError(f"no checkpoint in {last}")

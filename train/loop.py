@@ -254,7 +254,7 @@ class Checkpoints:
 
     def __init__(self, cfg: Config, classes: tuple[str, ...], steps_per_epoch: int):
         self.cfg = cfg
-        self.dir = Path(cfg.workdir) / "checkpoints"
+        self.dir = Path(cfg.workdir) / checkpoint.CHECKPOINTS
         self.classes = classes
         self.steps_per_epoch = steps_per_epoch
 
