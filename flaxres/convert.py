@@ -346,7 +346,9 @@ def load_named(model: nnx.Module, sd: Mapping[str, np.ndarray], *, strict: bool 
     for k, e in expected.items():
         if k in sd:
             a = sd[k].transpose(_FROM_TORCH[e.layout]) if e.layout else sd[k]
-            e.var.set_value(jnp.asarray(a, dtype=e.var.dtype))
+            # A copy: on the CPU jnp.asarray may alias the numpy view of a torch tensor, and the
+            # model would change with the torch module it came from.
+            e.var.set_value(jnp.array(a, dtype=e.var.dtype, copy=True))
     return model
 
 

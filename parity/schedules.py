@@ -1,8 +1,8 @@
 """The trainer's learning-rate schedules against PyTorch's own schedulers, at every iteration.
 
 :func:`torch_scheduler` is PyTorch's form of what a :class:`train.config.Config` describes
-(``MultiStepLR``, ``CosineAnnealingLR``, the warm-up as ``ConstantLR`` in ``SequentialLR``), for
-PyTorch loops stepped once per iteration.
+(``MultiStepLR``, ``CosineAnnealingLR``, the warm-up as ``ConstantLR`` or ``LinearLR`` in
+``SequentialLR``), for PyTorch loops stepped once per iteration.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def torch_scheduler(cfg: Config, opt: torch.optim.Optimizer, steps_per_epoch: in
     """The per-iteration PyTorch scheduler for ``cfg``'s schedule, written from the flags'
     documented meaning (not from train.optim), so the two are independent."""
     total = cfg.total_steps(steps_per_epoch)
-    warm = cfg.warmup_steps if cfg.use_warmup() else 0
+    warm = cfg.warmup_length(steps_per_epoch)
     if cfg.schedule == "cosine":
         main = L.CosineAnnealingLR(opt, T_max=max(total - warm, 1))
     else:
@@ -45,8 +45,10 @@ def torch_scheduler(cfg: Config, opt: torch.optim.Optimizer, steps_per_epoch: in
         main = L.MultiStepLR(opt, [b - warm for b in bounds], gamma=0.1)
     if not warm:
         return main
-    return L.SequentialLR(opt, [L.ConstantLR(opt, factor=0.1, total_iters=warm), main],
-                          milestones=[warm])
+    first = (L.LinearLR(opt, start_factor=cfg.warmup_factor, total_iters=warm)
+             if cfg.warmup_method == "linear" else
+             L.ConstantLR(opt, factor=cfg.warmup_factor, total_iters=warm))
+    return L.SequentialLR(opt, [first, main], milestones=[warm])
 
 
 def _compare(label: str, mine, theirs: np.ndarray) -> tuple:
@@ -60,8 +62,8 @@ def check_schedules() -> list[Measure]:
     """train.optim's schedules and every Config schedule vs PyTorch's schedulers at every
     iteration (hence at each boundary): the paper's per-iteration MultiStepLR over 64k, epoch
     milestones stepped once per epoch, repeated milestones, the 400-iteration warm-up
-    (ConstantLR chained with MultiStepLR, and in SequentialLR), cosine with and without
-    warm-up (CosineAnnealingLR)."""
+    (ConstantLR chained with MultiStepLR, and in SequentialLR), the linear warm-up (LinearLR in
+    SequentialLR), cosine with and without warm-up (CosineAnnealingLR)."""
     n = PAPER_TOTAL_STEPS
     pairs = [
         _compare("paper", multistep_schedule(0.1, PAPER_BOUNDARIES),
@@ -86,6 +88,12 @@ def check_schedules() -> list[Measure]:
         "Config cosine 300 steps": (Config(steps=300, schedule="cosine"), 50),
         "Config cosine + warm-up 40": (Config(steps=300, schedule="cosine", warmup="on",
                                               warmup_steps=40), 50),
+        "Config cosine + linear warm-up 40 from 0.01 (torchvision)": (
+            Config(steps=300, schedule="cosine", warmup="on", warmup_steps=40,
+                   warmup_method="linear", warmup_factor=0.01), 50),
+        "Config multistep [2,5] + linear warm-up 7": (
+            Config(epochs=6, schedule="multistep", milestones=(2, 5), warmup="on",
+                   warmup_steps=7, warmup_method="linear"), 5),
     }
     for label, (cfg, spe) in configs.items():
         theirs = torch_side.lrs(lambda o, c=cfg, s=spe: torch_scheduler(c, _with_lr(o, c.lr), s),

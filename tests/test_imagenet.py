@@ -2,6 +2,7 @@
 torchvision's recipe as the defaults, a run through the shared loop whose evaluation counts each
 validation image once, and a resume after SIGKILL that equals the uninterrupted run."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -36,6 +37,17 @@ def test_help_and_torchvisions_recipe_as_defaults(capsys):
         "resnet50", 256, 0.1, 0.9, 1e-4, 90, "multistep", (30, 60), 0.1)
     lr = cfg.lr_schedule(5005)  # ImageNet-1k at batch 256
     assert [float(lr(e * 5005)) for e in (0, 30, 60)] == pytest.approx([0.1, 0.01, 0.001])
+    assert dataclasses.replace(imagenet.parse_args(["--recipe", "tv_resnet50"]), recipe=None) == cfg
+
+
+def test_the_newer_recipe_is_a_file_a_run_names():
+    cfg = imagenet.parse_args(["--recipe", "tv_resnet50_v2_optim", "--epochs", "10"])
+    spe = 1251  # ImageNet-1k at batch 1024
+    assert (cfg.batch_size, cfg.label_smoothing, cfg.norm_weight_decay, cfg.warmup_length(spe),
+            cfg.epochs) == (1024, 0.1, 0.0, 5 * spe, 10)
+    lr = cfg.lr_schedule(spe)
+    assert [float(lr(s)) for s in (0, 5 * spe, 10 * spe)] == pytest.approx([0.005, 0.5, 0])
+    assert cfg.ema_decay == pytest.approx(0.998908, abs=1e-6)
 
 
 def history(workdir: Path) -> list[dict]:
@@ -61,13 +73,37 @@ def test_it_trains_and_evaluates_each_validation_image_once(folder, reference): 
     cfg = imagenet.parse_args(["--data-dir", str(folder), *COMMON, "--checkpoint",
                                str(wd / "checkpoints" / "last")])
     _, run, _ = inference.restore(cfg)
-    src = pipeline.ImageFolder(folder, "val")
-    images = np.stack([transforms.eval_transform(pipeline.decode(*src[i][:2]), 32)
-                       for i in range(len(src))])
-    labels = np.array([src[i][2] for i in range(len(src))])
-    want = by_hand(run, images, labels)
+    want = by_hand(run, *validation_set(folder))
     assert h[-1]["test_acc"] == pytest.approx(want["test_acc"], abs=1e-6)
     assert h[-1]["test_loss"] == pytest.approx(want["test_loss"], rel=1e-5)
+
+
+def validation_set(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The validation images as the evaluation transform makes them, one by one, and labels."""
+    src = pipeline.ImageFolder(root, "val")
+    images = np.stack([transforms.eval_transform(pipeline.decode(*src[i][:2]), 32)
+                       for i in range(len(src))])
+    return images, np.array([src[i][2] for i in range(len(src))])
+
+
+def test_recipe_options_and_the_ema_evaluated_beside_the_model(folder, tmp_path):  # noqa: F811
+    wd = tmp_path / "options"
+    args = ["--data-dir", str(folder), *COMMON, "--epochs", "2", "--workdir", str(wd),
+            "--label-smoothing", "0.1", "--norm-weight-decay", "0", "--bias-weight-decay", "0",
+            "--schedule", "cosine", "--warmup", "on", "--warmup-steps", "3",
+            "--warmup-method", "linear", "--warmup-factor", "0.01", "--ema-decay", "0.5",
+            "--ema-steps", "2"]
+    imagenet.train(imagenet.parse_args(args))
+    h = history(wd)
+    # lr(4): the cosine's step 1 of 7 after a warm-up of 3
+    assert h[0]["lr"] == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi / 7)))
+    _, run, _ = inference.restore(imagenet.parse_args(
+        [*args, "--checkpoint", str(wd / "checkpoints" / "last")]))
+    run.state = run.state.replace(**run.state.ema)
+    want = by_hand(run, *validation_set(folder))
+    assert h[-1]["ema_test_acc"] == pytest.approx(want["test_acc"], abs=1e-6)
+    assert h[-1]["ema_test_loss"] == pytest.approx(want["test_loss"], rel=1e-5)
+    assert h[-1]["ema_test_loss"] != h[-1]["test_loss"]
 
 
 _KILL_AT = r"""

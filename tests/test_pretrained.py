@@ -313,6 +313,15 @@ def test_aliases_of_one_parameter_and_wrappers_are_ambiguous():
                                 "net": akamaster().state_dict()})
 
 
+def test_loaded_weights_do_not_follow_the_torch_module_they_came_from():
+    ref = create_torch_model("resnet20")
+    model = from_torch("resnet20", ref.state_dict())
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(1.0)
+    assert float(model.bn1.scale[0]) == 1.0 and float(model.fc.bias[0]) != float(ref.fc.bias[0])
+
+
 def test_partial_match_lists_every_problem():
     sd = _dp(kuangliu().state_dict())
     del sd["module.layer2.0.shortcut.1.running_var"]

@@ -1,5 +1,5 @@
 """The trainer's own step against PyTorch on one batch: the loss it minimises and reports is
-``nn.CrossEntropyLoss()`` (the batch mean), and its gradient is PyTorch's."""
+``nn.CrossEntropyLoss(label_smoothing=...)`` (the batch mean), and its gradient is PyTorch's."""
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,8 @@ from train.config import CIFAR_MEAN, CIFAR_STD
 BATCH = 16
 
 
-def test_the_trainers_loss_and_gradient_are_pytorchs_cross_entropy():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_trainers_loss_and_gradient_are_pytorchs_cross_entropy(smoothing):
     torch.manual_seed(0)
     ref = create_torch_model("resnet8").train()
     model = from_torch(flaxres.cifar_resnet(8, rngs=nnx.Rngs(0)), ref.state_dict())
@@ -28,7 +29,8 @@ def test_the_trainers_loss_and_gradient_are_pytorchs_cross_entropy():
 
     out = ref(torch.from_numpy(np.asarray(data.normalize(images, CIFAR_MEAN, CIFAR_STD))
                                .transpose(0, 3, 1, 2).copy()))
-    want_loss = torch.nn.CrossEntropyLoss()(out, torch.from_numpy(labels).long())
+    want_loss = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)(
+        out, torch.from_numpy(labels).long())
     want_loss.backward()
     want_grads = {k: p.grad.numpy() for k, p in ref.named_parameters()}
 
@@ -37,7 +39,8 @@ def test_the_trainers_loss_and_gradient_are_pytorchs_cross_entropy():
     train_def, _, state = steps.init_state(model, optax.sgd(1.0), seed=0)
     before = jax.tree.map(np.asarray, state.params)
     step = steps.jit_train_step(mesh, train_def, optax.sgd(1.0), batch_size=BATCH,
-                                mean=CIFAR_MEAN, std=CIFAR_STD, augment=False)
+                                mean=CIFAR_MEAN, std=CIFAR_STD, augment=False,
+                                label_smoothing=smoothing)
     state, metrics = step(state, steps.zero_metrics(), jnp.arange(BATCH), jnp.asarray(images),
                           jnp.asarray(labels), jnp.int32(0))
     grads = jax.tree.map(lambda a, b: a - np.asarray(b), before, state.params)

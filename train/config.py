@@ -83,10 +83,31 @@ class Config:
     milestones: tuple[int, ...] | None = flag(None, "multistep epoch milestones (default: 1/2 and "
                                             "3/4 of the epochs, as the course notebook)")
     lr_gamma: float = flag(0.1, "lr factor at each multistep milestone (the Wide ResNets': 0.2)")
-    warmup: str = flag("auto", "lr = lr/10 for the first --warmup-steps iterations; 'auto' = on "
+    warmup: str = flag("auto", "warm up for the first --warmup-steps iterations; 'auto' = on "
                      f"for {', '.join(optim.WARMUP_ARCHS)} as in the paper",
                      choices=("auto", "on", "off"))
     warmup_steps: int = flag(optim.PAPER_WARMUP_STEPS, "warm-up length in iterations")
+    warmup_epochs: int | None = flag(None, "warm-up length in epochs (torchvision's "
+                                   "--lr-warmup-epochs); overrides --warmup-steps")
+    warmup_method: str = flag("constant", "warm-up lr: 'constant' = --warmup-factor x --lr "
+                            "throughout (the paper's); 'linear' = rising from --warmup-factor x "
+                            "--lr to --lr (torchvision's LinearLR, per iteration)",
+                            choices=("constant", "linear"))
+    warmup_factor: float = flag(0.1, "the warm-up's lr, or its starting lr, as a fraction of --lr "
+                              "(torchvision's --lr-warmup-decay)")
+    label_smoothing: float = flag(0.0, "label smoothing of the training loss, as PyTorch's "
+                                "CrossEntropyLoss(label_smoothing=...); evaluation reports the "
+                                "plain cross-entropy")
+    norm_weight_decay: float | None = flag(None, "weight decay of BatchNorm's scale and bias "
+                                         "(torchvision's --norm-weight-decay, e.g. 0); default: "
+                                         "--weight-decay")
+    bias_weight_decay: float | None = flag(None, "weight decay of every bias, BatchNorm's "
+                                         "included (torchvision's --bias-weight-decay); default: "
+                                         "as the parameter's layer")
+    ema_decay: float = flag(0.0, "keep an exponential moving average of the weights and BatchNorm "
+                          "statistics, ema = d x ema + (1 - d) x current every --ema-steps steps, "
+                          "evaluated beside the model (0: off; torchvision's --model-ema)")
+    ema_steps: int = flag(32, "steps between EMA updates (torchvision's --model-ema-steps)")
     val_split: int = flag(0, "hold out this many training images as a validation set (the "
                         "paper: 5000, i.e. 45k/5k); the best checkpoint is then chosen by "
                         "validation accuracy")
@@ -141,6 +162,13 @@ class Config:
     def use_warmup(self) -> bool:
         return self.warmup == "on" or (self.warmup == "auto" and self.arch in optim.WARMUP_ARCHS)
 
+    def warmup_length(self, steps_per_epoch: int) -> int:
+        """Warm-up iterations: 0 when off, else --warmup-epochs or --warmup-steps."""
+        if not self.use_warmup():
+            return 0
+        return self.warmup_steps if self.warmup_epochs is None else (
+            self.warmup_epochs * steps_per_epoch)
+
     def total_steps(self, steps_per_epoch: int) -> int:
         """``--steps``, else ``--epochs`` x steps per epoch, else the paper's 64k iterations."""
         if self.steps is not None:
@@ -152,9 +180,10 @@ class Config:
     def lr_schedule(self, steps_per_epoch: int):
         """The per-iteration optax schedule the flags describe."""
         total = self.total_steps(steps_per_epoch)
-        warm = self.warmup_steps if self.use_warmup() else 0
+        warm = {"warmup_steps": self.warmup_length(steps_per_epoch),
+                "warmup_method": self.warmup_method, "warmup_factor": self.warmup_factor}
         if self.schedule == "cosine":
-            return optim.cosine_schedule(self.lr, total, warm)
+            return optim.cosine_schedule(self.lr, total, **warm)
         if self.schedule == "paper":
             # 32k/48k of 64k; a compressed run keeps the same fractions.
             bounds = [b * total // optim.PAPER_TOTAL_STEPS for b in optim.PAPER_BOUNDARIES]
@@ -162,14 +191,14 @@ class Config:
             epochs = math.ceil(total / steps_per_epoch)
             ms = self.milestones or [m for m in (epochs // 2, epochs * 3 // 4) if m > 0]
             bounds = optim.epoch_milestones_to_steps(ms, steps_per_epoch)
-            return optim.multistep_schedule(self.lr, bounds, self.lr_gamma, warmup_steps=warm)
-        return optim.multistep_schedule(self.lr, bounds, warmup_steps=warm)
+            return optim.multistep_schedule(self.lr, bounds, self.lr_gamma, **warm)
+        return optim.multistep_schedule(self.lr, bounds, **warm)
 
     def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
         """The flags' SGD (PyTorch semantics) on their lr schedule: what the trainer steps with,
         in one place so that parity/test_training_path.py checks the very same object."""
         return optim.sgd(self.lr_schedule(steps_per_epoch), self.momentum, self.weight_decay,
-                         self.nesterov)
+                         self.nesterov, self.norm_weight_decay, self.bias_weight_decay)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

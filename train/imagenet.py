@@ -53,7 +53,7 @@ class ImageNetConfig(Config):
                        "epochs; 'cosine' = per-iteration cosine decay to 0; 'paper' = /10 at 50%% "
                        "and 75%%", choices=("paper", "multistep", "cosine"))
     milestones: tuple[int, ...] | None = flag((30, 60), "multistep epoch milestones")
-    warmup: str = flag("off", "lr = lr/10 for the first --warmup-steps iterations",
+    warmup: str = flag("off", "warm up (--warmup-method) for the first --warmup-steps iterations",
                      choices=("auto", "on", "off"))
     mean: tuple[float, ...] = flag(IMAGENET_MEAN, "normalisation mean (RGB, 0..1 scale)")
     std: tuple[float, ...] = flag(IMAGENET_STD, "normalisation std (RGB, 0..1 scale)")

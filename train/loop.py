@@ -37,7 +37,7 @@ from train.report import Report
 
 # Fields a resumed run must share with its checkpoint (others, e.g. --epochs, may change).
 RESUME_FIXED = ("arch", "dataset", "batch_size", "seed", "subset", "val_split", "precision",
-                "augment", "mean", "std", "freeze_backbone", "dropout")
+                "augment", "mean", "std", "freeze_backbone", "dropout", "ema_decay")
 
 
 class Diverged(RuntimeError):
@@ -180,8 +180,12 @@ def setup(cfg: Config, arrays: data.Arrays | None, steps_per_epoch: int = 1,
     tx = cfg.optimizer(steps_per_epoch)
     tx = finetune.head_only(tx) if cfg.freeze_backbone else tx
     model = finetune.initial_model(cfg, build_model) if model is None else model
-    train_def, eval_def, state = steps.init_state(model, tx, cfg.seed)
+    train_def, eval_def, state = steps.init_state(model, tx, cfg.seed, ema=bool(cfg.ema_decay))
     static = {"mean": cfg.mean, "std": cfg.std}
+    objective = {"label_smoothing": cfg.label_smoothing,
+                 "ema": steps.Ema(cfg.ema_decay, cfg.ema_steps, steps_per_epoch,
+                                  cfg.warmup_length(steps_per_epoch))
+                 if cfg.ema_decay else None}
     run = Run(mesh=mesh, replicated=steps.replicated(mesh),
               schedule=cfg.lr_schedule(steps_per_epoch),
               state=parallel.replicate(state, mesh), eval_def=eval_def,
@@ -189,9 +193,10 @@ def setup(cfg: Config, arrays: data.Arrays | None, steps_per_epoch: int = 1,
               # A dataset on the device is gathered (and augmented) there; without one the
               # batches come from a streaming input pipeline, augmented on the host.
               train_step=steps.jit_train_step(mesh, train_def, tx, batch_size=cfg.batch_size,
-                                              augment=cfg.augment, **static)
+                                              augment=cfg.augment, **static, **objective)
               if arrays is not None else
-              steps.jit_batch_step(mesh, train_def, tx, batch_size=cfg.batch_size, **static),
+              steps.jit_batch_step(mesh, train_def, tx, batch_size=cfg.batch_size, **static,
+                                   **objective),
               predict=jax.jit(lambda s, x: steps.predict_probs(eval_def, s, x, **static)))
     if arrays is not None:
         run.train_x, run.train_y = parallel.replicate(
@@ -222,11 +227,18 @@ def zero_metrics(run: Run) -> dict[str, jax.Array]:
 
 
 def evaluate(run: Run, name: str) -> dict[str, float]:
-    """Loss and accuracy on eval set ``name``: each device evaluates its shard of every batch;
-    the sums are reduced over all devices of all processes."""
-    m = jax.device_get(run.eval_sets[name].sums(run.state, zero_metrics(run)))
-    return {f"{name}_loss": float(m["loss_sum"] / m["count"]),
-            f"{name}_acc": float(m["correct"] / m["count"])}
+    """Loss and accuracy on eval set ``name``, and of the EMA weights (``ema_<name>_*``) if the
+    run keeps them: each device evaluates its shard of every batch; the sums are reduced over all
+    devices of all processes."""
+    weights = {name: run.state}
+    if run.state.ema is not None:
+        weights[f"ema_{name}"] = run.state.replace(**run.state.ema)
+    out = {}
+    for label, state in weights.items():
+        m = jax.device_get(run.eval_sets[name].sums(state, zero_metrics(run)))
+        out.update({f"{label}_loss": float(m["loss_sum"] / m["count"]),
+                    f"{label}_acc": float(m["correct"] / m["count"])})
+    return out
 
 
 # ----------------------------------------------------------------------------- progress

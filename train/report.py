@@ -9,9 +9,10 @@ from pathlib import Path
 
 
 def format_epoch(h: dict) -> str:
-    """One epoch's summary line: train, val and test loss/accuracy, lr, time, throughput."""
+    """One epoch's summary line: train, val and test loss/accuracy (and the EMA's), lr, time,
+    throughput."""
     parts = [f"epoch {h['epoch']:>3}", f"train loss {h['train_loss']:.4f} acc {h['train_acc']:.2%}"]
-    for split in ("val", "test"):
+    for split in ("val", "test", "ema_val", "ema_test"):
         if f"{split}_loss" in h:
             parts.append(f"{split} loss {h[f'{split}_loss']:.4f} acc {h[f'{split}_acc']:.2%}")
     parts += [f"lr {h['lr']:.4g}", f"{h['epoch_time']:.1f}s", f"{h['img_per_s']:.0f} img/s"]
@@ -29,7 +30,7 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     ep = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, what in zip(axes, ("loss", "acc")):
-        for split in ("train", "val", "test"):
+        for split in ("train", "val", "test", "ema_test"):
             key = f"{split}_{what}"
             if key in history[0]:
                 vals = [h[key] * (100 if what == "acc" else 1) for h in history]

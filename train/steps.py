@@ -8,6 +8,7 @@ on the device as uint8; a step gathers its batch by index, augments and normalis
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -32,18 +33,54 @@ class TrainState:
     opt_state: optax.OptState
     step: jax.Array  # int32, optimizer steps taken
     key: jax.Array  # uint32[2], base key of the per-step augmentation keys
+    ema: dict | None = None  # {"params", "batch_stats"} averaged (--ema-decay), else None
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int
-               ) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
-    """Splits ``model`` into train/eval graphdefs and the state the steps carry."""
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int,
+               ema: bool = False) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
+    """Splits ``model`` into train/eval graphdefs and the state the steps carry; with ``ema``,
+    the state starts an average of the weights and statistics from a copy of them."""
     model.eval()
     eval_def = nnx.split(model, nnx.Param, nnx.BatchStat)[0]
     model.train()
     train_def, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # distinct from the init/order keys
+    # Copies: a step donates the state's buffers, each only once.
+    average = jax.tree.map(jnp.copy, {"params": params, "batch_stats": stats}) if ema else None
     return train_def, eval_def, TrainState(params, stats, tx.init(params),
-                                           jnp.zeros((), jnp.int32), key)
+                                           jnp.zeros((), jnp.int32), key, average)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ema:
+    """An exponential moving average of the weights and BatchNorm statistics, kept as
+    torchvision's reference trainer keeps its ``ExponentialMovingAverage`` (an ``AveragedModel``
+    over parameters and buffers): after iteration ``i`` of each epoch with ``i % every == 0``,
+    ``ema = decay * ema + (1 - decay) * current``; an update copies the current values instead
+    while no earlier update came after the warm-up (``copy_until`` steps), as torchvision
+    restarts the average during the warm-up epochs and its first update copies."""
+
+    decay: float
+    every: int
+    steps_per_epoch: int
+    copy_until: int = 0
+
+    def update(self, ema: dict, params: nnx.State, batch_stats: nnx.State, step: jax.Array
+               ) -> dict:
+        """``ema`` after optimizer step ``step`` (1 for the first) produced ``params`` and
+        ``batch_stats``."""
+        i = (step - 1) % self.steps_per_epoch  # the iteration's index in its epoch
+        due = i % self.every == 0
+        # The previous update: ``every`` steps back, or the last one of the previous epoch.
+        previous = jnp.where(i >= self.every, step - self.every,
+                             step - 1 - (self.steps_per_epoch - 1) % self.every)
+        copy = previous <= self.copy_until
+
+        def mix(e, p):
+            return jnp.where(due, jnp.where(copy, p, self.decay * e + (1 - self.decay) * p),
+                             e).astype(e.dtype)
+
+        return jax.tree.map(mix, ema, {"params": params, "batch_stats": batch_stats})
 
 
 def zero_metrics() -> dict[str, jax.Array]:
@@ -51,8 +88,15 @@ def zero_metrics() -> dict[str, jax.Array]:
     return {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count", "nonfinite")}
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+                  ) -> jax.Array:
+    """Per-image cross-entropy, as PyTorch's ``CrossEntropyLoss(label_smoothing=...)``: the
+    one-hot target mixed with the uniform distribution over the classes."""
+    logits = logits.astype(jnp.float32)
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    target = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, target)
 
 
 def train_batch(state: TrainState, perm: jax.Array, images: jax.Array, labels: jax.Array,
@@ -74,20 +118,22 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: 
                metrics: dict[str, jax.Array], perm: jax.Array, images: jax.Array,
                labels: jax.Array, index: jax.Array, *, batch_size: int, mean: Sequence[float],
                std: Sequence[float], augment: bool, batch_sharding: NamedSharding,
-               probe: bool = False) -> tuple:
+               probe: bool = False, **objective) -> tuple:
     """One SGD step on batch ``index`` of the epoch order ``perm`` of a dataset on the device
     (:func:`train_batch`, then :func:`batch_step`)."""
     x, y = train_batch(state, perm, images, labels, index, batch_size=batch_size,
                        augment=augment, batch_sharding=batch_sharding)
     return batch_step(graphdef, tx, state, metrics, x, y, batch_size=batch_size, mean=mean,
-                      std=std, probe=probe)
+                      std=std, probe=probe, **objective)
 
 
 def batch_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState,
                metrics: dict[str, jax.Array], x: jax.Array, y: jax.Array, *, batch_size: int,
-               mean: Sequence[float], std: Sequence[float], probe: bool = False) -> tuple:
-    """One SGD step (mean cross-entropy) on a uint8 batch ``x`` with labels ``y``, already
-    gathered and augmented (on the device, or by a streaming input pipeline).
+               mean: Sequence[float], std: Sequence[float], probe: bool = False,
+               label_smoothing: float = 0.0, ema: Ema | None = None) -> tuple:
+    """One SGD step (mean cross-entropy, with ``label_smoothing``) on a uint8 batch ``x`` with
+    labels ``y``, already gathered and augmented (on the device, or by a streaming input
+    pipeline); the state's EMA moves by the rule ``ema``.
 
     Returns ``(state, metrics)``; with ``probe`` (static) also a third item, the measurements of
     the degradation study (``train.degradation``) taken from this very step, so they cost no
@@ -110,13 +156,14 @@ def batch_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: 
         else:
             logits, act_std = model(x, rngs), None
         stats = nnx.state(model, nnx.BatchStat)
-        return cross_entropy(logits, y).mean(), (logits, stats, act_std)
+        return cross_entropy(logits, y, label_smoothing).mean(), (logits, stats, act_std)
 
     (loss, (logits, stats, act_std)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = TrainState(optax.apply_updates(state.params, updates), stats, opt_state,
-                     state.step + 1, state.key)
+    params = optax.apply_updates(state.params, updates)
+    average = state.ema if ema is None else ema.update(state.ema, params, stats, state.step + 1)
+    new = TrainState(params, stats, opt_state, state.step + 1, state.key, average)
     metrics = {
         "loss_sum": metrics["loss_sum"] + loss * batch_size,
         "correct": metrics["correct"] + (logits.argmax(-1) == y).sum(),
