@@ -13,8 +13,7 @@ The two sides, both yielding uint8 batches that are normalised later, on the dev
 
 - flaxres: ``train.input.iterate(train_dataset(ImageFolder(DATA, "train"), ...), workers)``,
   exactly as ``train.imagenet`` reads: Grain's ``--workers`` processes (spawned) each decode
-  whole batches, each process with ``max(1, workers)`` read threads as :mod:`train.input` sets
-  them; batches ``{"image": (B, S, S, 3), "label", "index"}``.
+  whole batches on one thread; batches ``{"image": (B, S, S, 3), "label", "index"}``.
 - torchvision: ``DataLoader(ImageFolder(DATA/train, transform=Compose([RandomResizedCrop(S,
   antialias=True), RandomHorizontalFlip(), PILToTensor()])), batch_size=B, num_workers=workers,
   drop_last=True)``, shuffled by ``shuffle=True``'s ``RandomSampler`` drawn over as many epochs

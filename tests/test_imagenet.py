@@ -5,6 +5,7 @@ validation image once, and a resume after SIGKILL that equals the uninterrupted 
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_input import folder  # noqa: F401 - the generated image folder fixture
+from tests.test_input import folder, tfds_dir  # noqa: F401 - the generated data fixtures
 from tests.test_train import by_hand
 from train import imagenet, inference, transforms
 from train import input as pipeline
@@ -126,3 +127,26 @@ def test_resume_after_sigkill_sees_the_batches_of_the_uninterrupted_run(folder, 
     assert len(history(wd)) == 1  # killed in epoch 2: epoch 1's checkpoint is the last
     imagenet.train(imagenet.parse_args([*args, "--resume"]))
     assert history(wd) == history(reference)
+
+
+def test_it_trains_on_a_tfds_dataset(tfds_dir, tmp_path):  # noqa: F811
+    wd = tmp_path / "tfds"
+    imagenet.train(imagenet.parse_args(["--tfds", "tiny_folder", "--data-dir", str(tfds_dir),
+                                        *COMMON, "--epochs", "1", "--workdir", str(wd)]))
+    (h,) = history(wd)
+    assert h["step"] == 5 and 0 <= h["test_acc"] <= 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tfds", "no_such_set"], "error: --tfds no_such_set in --data-dir .*: Dataset "
+                                "no_such_set not found."),
+    (["--eval-split", "test"], "error: .*: no test/ folder"),
+    ([], "error: --data-dir: give the image folder"),
+])
+def test_bad_data_flags_are_one_line(folder, tmp_path, capsys, args, message):  # noqa: F811
+    data = [] if not args else ["--data-dir", str(tmp_path if "--tfds" in args else folder)]
+    with pytest.raises(SystemExit) as e:
+        imagenet.main([*data, *args, *COMMON, "--workdir", str(tmp_path / "wd")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and re.match(message, err)
+    assert not (tmp_path / "wd").exists()

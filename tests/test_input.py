@@ -1,12 +1,14 @@
 """The streaming input pipeline on a small generated JPEG folder of varied sizes: the image-folder
-source (directory or .tar), per-process shards that cover each epoch exactly once, fresh
-shuffles per epoch, determinism across worker processes, and an iterator state that resumes
-exactly."""
+source (directory or .tar) and the same images as a tfds ArrayRecord dataset, per-process shards
+that cover each epoch exactly once, fresh shuffles per epoch, determinism across worker
+processes, and an iterator state that resumes exactly."""
 
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from train import input as pipeline
@@ -103,3 +105,62 @@ def test_bad_sources_are_one_clear_error(folder, tmp_path):
         pipeline.ImageFolder(gz, "val")
     with pytest.raises(DataError, match="broken.JPEG: not a readable image"):
         pipeline.decode(b"garbage", "broken.JPEG")
+
+
+class TinyFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """The ``folder`` fixture's images as a tfds dataset (splits train and validation), written
+    in ArrayRecord files as ``tfds build --file_format array_record`` writes them."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, root: Path, **kw):
+        self.root = root
+        super().__init__(**kw)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, supervised_keys=("image", "label"),
+                                     features=tfds.features.FeaturesDict({
+                                         "image": tfds.features.Image(encoding_format="jpeg"),
+                                         "label": tfds.features.ClassLabel(names=CLASSES)}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples("train"),
+                "validation": self._generate_examples("val")}
+
+    def _generate_examples(self, split: str):
+        src = pipeline.ImageFolder(self.root, split)
+        for i in range(len(src)):
+            blob, _, label, _ = src[i]
+            yield i, {"image": blob, "label": label}
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(folder, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    tfds.disable_progress_bar()
+    TinyFolder(folder, data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return data_dir
+
+
+def test_a_tfds_dataset_is_the_same_source_as_its_folder(folder, tfds_dir):
+    for split, tfds_split in (("train", "train"), ("val", "validation")):
+        a = pipeline.ImageFolder(folder, split)
+        b = pipeline.TfdsSource("tiny_folder", tfds_split, tfds_dir)
+        assert a.classes == b.classes == CLASSES and len(a) == len(b)
+        # tfds stores the records in an order of its own: the same (image, label) pairs
+        assert sorted((a[i][0], a[i][2]) for i in range(len(a))) == sorted(
+            (b[i][0], b[i][2]) for i in range(len(b)))
+    ds = pipeline.train_dataset(b, size=16, global_batch=4, seed=0)
+    batch = next(pipeline.iterate(ds, workers=1))  # the source travels to a worker process
+    assert batch["image"].shape == (4, 16, 16, 3)
+
+
+def test_bad_tfds_sources_are_one_clear_error(tfds_dir, tmp_path):
+    with pytest.raises(DataError, match=r"--tfds no_such_set in --data-dir .*: Dataset "
+                                        r"no_such_set not found\.$"):
+        pipeline.TfdsSource("no_such_set", "train", tmp_path)
+    with pytest.raises(DataError, match="no split 'test' \\(it has train, validation\\)"):
+        pipeline.TfdsSource("tiny_folder", "test", tfds_dir)
+    with pytest.raises(DataError, match="imagenet2012 in --data-dir .*: not prepared"):
+        pipeline.TfdsSource("imagenet2012", "train", tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing created on the way

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import jax
@@ -38,7 +39,13 @@ class ImageNetConfig(Config):
 
     arch: str = flag("resnet50", "architecture: any flaxres.list_models() name")
     data_dir: str | None = flag(None, "an image folder {train,val}/<class>/<image> (torchvision's "
-                              "ImageFolder layout), or an uncompressed .tar of it")
+                              "ImageFolder layout), or an uncompressed .tar of it; with --tfds, "
+                              "the tfds data_dir")
+    tfds: str | None = flag(None, "read this tfds prepared dataset (ArrayRecord files, e.g. "
+                          "imagenet2012) from --data-dir instead of an image folder")
+    train_split: str = flag("train", "the training split: a folder, or a tfds split")
+    eval_split: str | None = flag(None, "the evaluation split (default: 'val' for a folder, "
+                                "'validation' for tfds)")
     image_size: int = flag(224, "training crop and evaluation size in pixels (evaluation resizes "
                          "the shorter side to size / 0.875 first)")
     workers: int = flag(min(8, os.cpu_count() or 1), "processes that decode and augment images "
@@ -62,12 +69,14 @@ class ImageNetConfig(Config):
 class StreamFeed:
     """Training batches from the input pipeline: batch ``s`` of the endless dataset is step
     ``s``'s, so the iterator's position is the step the checkpoint holds with the model and
-    the optimizer, and a resumed run starts its iterator there."""
+    the optimizer, and a resumed run starts its iterator there. ``waited`` sums the seconds the
+    loop spent waiting for a batch: the input stall."""
 
     def __init__(self, dataset, mesh, workers: int, steps_per_epoch: int):
         self.dataset, self.mesh, self.workers = dataset, mesh, workers
         self.steps_per_epoch = steps_per_epoch
         self._it, self._next = None, None
+        self.waited = 0.0
 
     def batches(self, epoch: int, first: int, end: int):
         step = epoch * self.steps_per_epoch + first
@@ -75,7 +84,10 @@ class StreamFeed:
             self._it = pipeline.global_batches(
                 pipeline.iterate(self.dataset[step:], self.workers), self.mesh)
         for _ in range(first, end):
-            yield next(self._it)
+            t = time.perf_counter()
+            batch = next(self._it)
+            self.waited += time.perf_counter() - t
+            yield batch
             step += 1
             self._next = step
 
@@ -112,12 +124,7 @@ class StreamEvalSet:
 
 def train(cfg: ImageNetConfig, on_step=None) -> dict:
     """Trains ``cfg`` on its image folder through :func:`train.loop.fit`."""
-    if not cfg.data_dir:
-        raise DataError("--data-dir: give the image folder (or .tar) to train on")
-    train_src = pipeline.ImageFolder(cfg.data_dir, "train")
-    val_src = pipeline.ImageFolder(cfg.data_dir, "val")
-    if val_src.classes != train_src.classes:
-        raise DataError(f"{cfg.data_dir}: train/ and val/ hold different classes")
+    train_src, val_src = sources(cfg)
     cfg.num_classes = cfg.num_classes or len(train_src.classes)
     spe = len(train_src) // cfg.batch_size
     if spe == 0:
@@ -129,6 +136,25 @@ def train(cfg: ImageNetConfig, on_step=None) -> dict:
     run.feed = StreamFeed(dataset, run.mesh, cfg.workers, spe)
     run.eval_sets["test"] = StreamEvalSet(val_src, cfg, run)
     return loop.fit(cfg, run, train_src.classes, len(train_src), spe, cfg.data_dir, on_step)
+
+
+def sources(cfg: ImageNetConfig) -> tuple:
+    """The training and evaluation sources ``cfg`` names: an image folder's splits, or a tfds
+    dataset's."""
+    if cfg.tfds:
+        split = cfg.eval_split or "validation"
+        train_src, val_src = (pipeline.TfdsSource(cfg.tfds, s, cfg.data_dir)
+                              for s in (cfg.train_split, split))
+    else:
+        if not cfg.data_dir:
+            raise DataError("--data-dir: give the image folder (or .tar) to train on")
+        split = cfg.eval_split or "val"
+        train_src, val_src = (pipeline.ImageFolder(cfg.data_dir, s)
+                              for s in (cfg.train_split, split))
+    if val_src.classes != train_src.classes:
+        raise DataError(f"{cfg.tfds or cfg.data_dir}: the splits {cfg.train_split} and {split} "
+                        "hold different classes")
+    return train_src, val_src
 
 
 def parse_args(argv: list[str] | None = None) -> ImageNetConfig:

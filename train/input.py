@@ -1,5 +1,6 @@
 """The streaming input pipeline for images of any size: a random-access source (an image folder in
-torchvision's ``ImageFolder`` layout, as a directory or an uncompressed ``.tar``), decoded and
+torchvision's ``ImageFolder`` layout, as a directory or an uncompressed ``.tar``, or a tfds
+prepared dataset in ArrayRecord files), decoded and
 transformed as torchvision's ImageNet recipe (:mod:`train.transforms`) by Grain, in worker
 processes. Each JAX process reads only its own shard, and its local batches become global
 ``jax.Array``s. Grain's iterators are deterministic, and their state is a small dict that a
@@ -12,6 +13,7 @@ them, so across processes every image of the epoch is read exactly once.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import os
@@ -78,6 +80,44 @@ class ImageFolder:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_file": None}  # worker processes open their own handle
+
+
+class TfdsSource:
+    """A split of a tfds prepared dataset in ArrayRecord files (e.g. ``imagenet2012`` built from
+    its manual download) as the same random-access source as :class:`ImageFolder`: the encoded
+    image, a name for messages, the label and the index. Images stay encoded, so they are decoded
+    by the same code as an image folder's."""
+
+    def __init__(self, name: str, split: str, data_dir: str | os.PathLike | None):
+        import tensorflow_datasets as tfds
+        from tensorflow_datasets.core import file_adapters
+
+        where = f"--tfds {name} in --data-dir {data_dir or tfds.core.constants.DATA_DIR}"
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except (tfds.core.DatasetNotFoundError, AssertionError) as e:
+            raise DataError(f"{where}: {str(e).splitlines()[0]}") from None
+        if not builder.is_prepared():
+            raise DataError(f"{where}: not prepared (no {builder.data_dir}); build it first with "
+                            f"tfds build {name} --data_dir DIR --file_format array_record")
+        if builder.info.file_format not in file_adapters.FileFormat.with_random_access():
+            raise DataError(f"{where}: stored as {builder.info.file_format.value}, which has no "
+                            "random access; rebuild it with --file_format array_record")
+        if split not in builder.info.splits:
+            raise DataError(f"{where}: no split {split!r} (it has "
+                            f"{', '.join(builder.info.splits)})")
+        self.image_key, self.label_key = builder.info.supervised_keys or ("image", "label")
+        self.classes = tuple(builder.info.features[self.label_key].names)
+        self.name = f"{name}/{split}"
+        self._source = builder.as_data_source(
+            split=split, decoders={self.image_key: tfds.decode.SkipDecoding()})
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i: int) -> tuple[bytes, str, int, int]:
+        record = self._source[i]
+        return record[self.image_key], f"{self.name}[{i}]", int(record[self.label_key]), i
 
 
 def decode(blob: bytes, name: str) -> Image.Image:
@@ -147,10 +187,11 @@ def eval_dataset(source, *, size: int, global_batch: int, shard: Shard = Shard()
 
 
 def iterate(ds: grain.MapDataset, workers: int, prefetch: int = 2) -> grain.DatasetIterator:
-    """An iterator whose decoding runs in ``workers`` processes (0: in this one); its
-    ``get_state()`` / ``set_state()`` are what a checkpoint keeps."""
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers),
-                                                 prefetch_buffer_size=prefetch))
+    """An iterator whose decoding runs in ``workers`` processes (0: in this one), each making
+    whole batches on one thread, as a ``DataLoader`` worker does (Grain's read threads would
+    multiply with the processes and oversubscribe the cores); its ``get_state()`` /
+    ``set_state()`` are what a checkpoint keeps."""
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
     if workers:
         if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags: their defaults
             flags.FLAGS.mark_as_parsed()
@@ -158,10 +199,16 @@ def iterate(ds: grain.MapDataset, workers: int, prefetch: int = 2) -> grain.Data
     return iter(it_ds)
 
 
-def global_batches(it: Iterator[dict], mesh: Mesh) -> Iterator[tuple[jax.Array, jax.Array]]:
+def global_batches(it: Iterator[dict], mesh: Mesh, prefetch: int = 2
+                   ) -> Iterator[tuple[jax.Array, jax.Array]]:
     """Each process's local batch as the global ``(images, labels)`` arrays, sharded on the
-    mesh's 'data' axis."""
+    mesh's 'data' axis; ``prefetch`` batches ahead are already on their way to the devices while
+    the step before them runs (flax's ``prefetch_to_device``, for sharded arrays)."""
     sharding = NamedSharding(mesh, P("data"))
+    ahead: collections.deque = collections.deque()
     for batch in it:
-        yield (jax.make_array_from_process_local_data(sharding, batch["image"]),
-               jax.make_array_from_process_local_data(sharding, batch["label"]))
+        ahead.append((jax.make_array_from_process_local_data(sharding, batch["image"]),
+                      jax.make_array_from_process_local_data(sharding, batch["label"])))
+        if len(ahead) > prefetch:
+            yield ahead.popleft()
+    yield from ahead
