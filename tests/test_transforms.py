@@ -83,3 +83,26 @@ def test_the_train_transform_is_torchvisions_resized_crop_and_flip():
             np.testing.assert_array_equal(got, want[:, ::-1])
         flips += flipped
     assert 10 <= flips <= 30  # p = 0.5 over 40 draws
+
+
+def test_the_cifar_transform_is_torchvisions_padded_random_crop_and_flip():
+    """Every output is one of the 81 x 2 crops of the black-padded image, as
+    ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()`` make them, drawn uniformly."""
+    img = jpeg(32, 32)
+    padded = TF.pad(img, 4)
+    candidates = {(top, left, flip): np.asarray(TF.hflip(c) if flip else c)
+                  for top in range(9) for left in range(9) for flip in (False, True)
+                  for c in [TF.crop(padded, top, left, 32, 32)]}
+    rng = np.random.default_rng(0)
+    seen = []
+    for _ in range(1000):
+        out = transforms.cifar_train_transform(img, 32, rng)
+        seen += [k for k, c in candidates.items() if np.array_equal(out, c)][:1]
+    assert len(seen) == 1000  # each output is one of the candidates
+    tops, lefts, flips = (np.array(v) for v in zip(*seen))
+    for offsets in (tops, lefts):
+        assert stats.chisquare(np.bincount(offsets, minlength=9)).pvalue > 1e-3
+    assert 0.45 < flips.mean() < 0.55
+    np.testing.assert_array_equal(transforms.cifar_eval_transform(img, 32), np.asarray(img))
+    with pytest.raises(ValueError, match="a 32x32 image: --transforms cifar needs 24x24"):
+        transforms.cifar_eval_transform(img, 24)

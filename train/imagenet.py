@@ -48,6 +48,10 @@ class ImageNetConfig(Config):
                                 "'validation' for tfds)")
     image_size: int = flag(224, "training crop and evaluation size in pixels (evaluation resizes "
                          "the shorter side to size / 0.875 first)")
+    transforms: str = flag("imagenet", "'imagenet': torchvision's RandomResizedCrop + flip, and "
+                         "resize + centre crop for evaluation; 'cifar': the CIFAR tutorials' "
+                         "4-px padded random crop + flip, evaluating the images as they are",
+                         choices=("imagenet", "cifar"))
     workers: int = flag(min(8, os.cpu_count() or 1), "processes that decode and augment images "
                       "(0: in the training process)")
     num_classes: int = flag(0, "classes of the head (default 0: the training folder's)")
@@ -100,7 +104,8 @@ class StreamEvalSet:
         shard = pipeline.Shard.of_jax_process()
         self.local = max(1, run.eval_batch_size // shard.count)
         self.dataset = pipeline.eval_dataset(source, size=cfg.image_size,
-                                             global_batch=self.local * shard.count, shard=shard)
+                                             global_batch=self.local * shard.count, shard=shard,
+                                             style=cfg.transforms)
         self.num_batches = math.ceil(math.ceil(len(source) / shard.count) / self.local)
         self.size, self.workers, self.mesh = cfg.image_size, cfg.workers, run.mesh
         self.step = steps.jit_eval_batch(run.mesh, run.eval_def, mean=run.mean, std=run.std)
@@ -132,7 +137,8 @@ def train(cfg: ImageNetConfig, on_step=None) -> dict:
                         f"{cfg.batch_size}")
     run = loop.setup(cfg, None, spe)
     dataset = pipeline.train_dataset(train_src, size=cfg.image_size, global_batch=cfg.batch_size,
-                                     seed=cfg.seed, shard=pipeline.Shard.of_jax_process())
+                                     seed=cfg.seed, shard=pipeline.Shard.of_jax_process(),
+                                     style=cfg.transforms)
     run.feed = StreamFeed(dataset, run.mesh, cfg.workers, spe)
     run.eval_sets["test"] = StreamEvalSet(val_src, cfg, run)
     return loop.fit(cfg, run, train_src.classes, len(train_src), spe, cfg.data_dir, on_step)

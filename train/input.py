@@ -132,21 +132,30 @@ def decode(blob: bytes, name: str) -> Image.Image:
 @dataclasses.dataclass(frozen=True)
 class _Train(grain.RandomMapTransform):
     size: int
+    style: str = "imagenet"
 
     def random_map(self, element, rng: np.random.Generator) -> dict:
         blob, name, label, index = element
-        return {"image": transforms.train_transform(decode(blob, name), self.size, rng),
-                "label": np.int32(label), "index": np.int64(index)}
+        image = _named(transforms.TRAIN[self.style], name, decode(blob, name), self.size, rng)
+        return {"image": image, "label": np.int32(label), "index": np.int64(index)}
 
 
 @dataclasses.dataclass(frozen=True)
 class _Eval(grain.MapTransform):
     size: int
+    style: str = "imagenet"
 
     def map(self, element) -> dict:
         blob, name, label, index = element
-        return {"image": transforms.eval_transform(decode(blob, name), self.size),
-                "label": np.int32(label), "index": np.int64(index)}
+        image = _named(transforms.EVAL[self.style], name, decode(blob, name), self.size)
+        return {"image": image, "label": np.int32(label), "index": np.int64(index)}
+
+
+def _named(transform, name: str, *args) -> np.ndarray:
+    try:
+        return transform(*args)
+    except ValueError as e:
+        raise DataError(f"{name}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,9 +171,10 @@ class Shard:
 
 
 def train_dataset(source, *, size: int, global_batch: int, seed: int, epochs: int | None = None,
-                  shard: Shard = Shard()) -> grain.MapDataset:
+                  shard: Shard = Shard(), style: str = "imagenet") -> grain.MapDataset:
     """Batches of ``{"image": uint8 (b, size, size, 3), "label", "index"}``, ``b`` =
-    ``global_batch / shard.count``, over ``epochs`` fresh shuffles (``None``: endless)."""
+    ``global_batch / shard.count``, over ``epochs`` fresh shuffles (``None``: endless), through
+    the ``style`` transforms (:data:`train.transforms.TRAIN`)."""
     if global_batch % shard.count:
         raise ValueError(f"--batch-size {global_batch} must be divisible by the "
                          f"{shard.count} processes")
@@ -174,16 +184,16 @@ def train_dataset(source, *, size: int, global_batch: int, seed: int, epochs: in
                         f"{global_batch}")
     ds = grain.MapDataset.source(source).shuffle(seed=seed)[: steps * global_batch]
     ds = ds.repeat(epochs)[shard.index::shard.count]
-    return ds.random_map(_Train(size), seed=seed).batch(global_batch // shard.count,
-                                                        drop_remainder=True)
+    return ds.random_map(_Train(size, style), seed=seed).batch(global_batch // shard.count,
+                                                               drop_remainder=True)
 
 
-def eval_dataset(source, *, size: int, global_batch: int, shard: Shard = Shard()
-                 ) -> grain.MapDataset:
+def eval_dataset(source, *, size: int, global_batch: int, shard: Shard = Shard(),
+                 style: str = "imagenet") -> grain.MapDataset:
     """Every image once, in order, in batches of ``global_batch / shard.count`` per process;
     the last batch may be short, and the loop masks its padding."""
     ds = grain.MapDataset.source(source)[shard.index::shard.count]
-    return ds.map(_Eval(size)).batch(global_batch // shard.count)
+    return ds.map(_Eval(size, style)).batch(global_batch // shard.count)
 
 
 def iterate(ds: grain.MapDataset, workers: int, prefetch: int = 2) -> grain.DatasetIterator:

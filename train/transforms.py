@@ -1,6 +1,7 @@
 """torchvision's ImageNet transforms on PIL images, for the streaming input pipeline's workers:
 ``RandomResizedCrop`` + ``RandomHorizontalFlip`` for training, ``Resize(size / 0.875)`` +
-``CenterCrop(size)`` for evaluation. Both return uint8 HWC arrays; normalisation happens on the
+``CenterCrop(size)`` for evaluation; and the CIFAR tutorials' ``RandomCrop(size, padding=4)`` +
+flip, evaluating images as they are. All return uint8 HWC arrays; normalisation happens on the
 device, as for CIFAR. The same PIL calls as torchvision's PIL path, so the pixels are the same
 for the same crop box; the boxes are drawn from a numpy ``Generator`` by torchvision's algorithm.
 """
@@ -58,3 +59,26 @@ def train_transform(image: Image.Image, size: int, rng: np.random.Generator) -> 
 def eval_transform(image: Image.Image, size: int) -> np.ndarray:
     """``Resize(int(size / 0.875))`` + ``CenterCrop(size)``, as uint8 (size, size, 3)."""
     return np.asarray(resize_center_crop(image, int(size / EVAL_RESIZE_RATIO), size), np.uint8)
+
+
+def cifar_train_transform(image: Image.Image, size: int, rng: np.random.Generator,
+                          pad: int = 4) -> np.ndarray:
+    """``RandomCrop(size, padding=4)`` (black padding) + ``RandomHorizontalFlip()`` of a
+    size x size image: what ``train.cifar`` does on the device, here on the host."""
+    x = cifar_eval_transform(image, size)
+    top, left = rng.integers(0, 2 * pad + 1, 2)
+    x = np.pad(x, ((pad, pad), (pad, pad), (0, 0)))[top:top + size, left:left + size]
+    return np.ascontiguousarray(x[:, ::-1] if rng.random() < 0.5 else x)
+
+
+def cifar_eval_transform(image: Image.Image, size: int) -> np.ndarray:
+    """The image as it is: CIFAR's are already size x size."""
+    x = np.asarray(image.convert("RGB"), np.uint8)
+    if x.shape[:2] != (size, size):
+        raise ValueError(f"a {x.shape[1]}x{x.shape[0]} image: --transforms cifar needs "
+                         f"{size}x{size} images (--image-size)")
+    return x
+
+
+TRAIN = {"imagenet": train_transform, "cifar": cifar_train_transform}
+EVAL = {"imagenet": eval_transform, "cifar": cifar_eval_transform}
