@@ -61,8 +61,8 @@ def table(results: dict) -> str:
     and Welch's t-test of the difference."""
     runs = results["runs"]
     acc = {t: [r["final_acc"] * 100 for r in runs if r["trainer"] == t] for t in TRAINERS}
-    lines = [f"{results['arch']}, {results['epochs']} epochs, batch 128, cosine lr 0.1, on "
-             f"{results['images']}", "",
+    lines = [(f"{results['arch']}, {results['epochs']} epochs, batch 128, cosine lr 0.1, on "
+             f"{results['images']}"), "",
              "| trainer | input | seeds | top-1 (%) | per seed | s/epoch |", "|---|---|---|---|---|---|"]
     inputs = {"train.cifar": "on the device", "train.imagenet": "Grain, JPEG decoded per epoch"}
     for t in TRAINERS:
@@ -75,8 +75,8 @@ def table(results: dict) -> str:
     diff = statistics.mean(acc["train.imagenet"]) - statistics.mean(acc["train.cifar"])
     if min(map(len, acc.values())) > 1:
         p = stats.ttest_ind(acc["train.imagenet"], acc["train.cifar"], equal_var=False).pvalue
-        lines += ["", f"Difference (imagenet − cifar): {diff:+.2f} points, Welch's t-test "
-                      f"p = {p:.2f}."]
+        lines += ["", (f"Difference (imagenet − cifar): {diff:+.2f} points, Welch's t-test "
+                      f"p = {p:.2f}.")]
     return "\n".join(lines)
 
 
