@@ -52,8 +52,7 @@ def run_one(trainer: str, args: argparse.Namespace, seed: int) -> dict:
         raise SystemExit(f"error: python -m {trainer} {' '.join(flags)} failed "
                          f"(exit {done.returncode})")
     h = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {"trainer": trainer, "seed": seed, "final_acc": h[-1]["test_acc"],
-            "seconds": sum(e["epoch_time"] for e in h), "history": h}
+    return {"trainer": trainer, "seed": seed, "final_acc": h[-1]["test_acc"], "history": h}
 
 
 def table(results: dict) -> str:
@@ -63,15 +62,13 @@ def table(results: dict) -> str:
     acc = {t: [r["final_acc"] * 100 for r in runs if r["trainer"] == t] for t in TRAINERS}
     lines = [(f"{results['arch']}, {results['epochs']} epochs, batch 128, cosine lr 0.1, on "
              f"{results['images']}"), "",
-             "| trainer | input | seeds | top-1 (%) | per seed | s/epoch |", "|---|---|---|---|---|---|"]
+             "| trainer | input | seeds | top-1 (%) | per seed |", "|---|---|---|---|---|"]
     inputs = {"train.cifar": "on the device", "train.imagenet": "Grain, JPEG decoded per epoch"}
     for t in TRAINERS:
         a = acc[t]
         sd = statistics.stdev(a) if len(a) > 1 else float("nan")
-        per_epoch = statistics.mean(r["seconds"] for r in runs if r["trainer"] == t) / \
-            results["epochs"]
         lines.append(f"| {t} | {inputs[t]} | {len(a)} | {statistics.mean(a):.2f} ± {sd:.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in a)} | {per_epoch:.0f} |")
+                     f"{', '.join(f'{x:.2f}' for x in a)} |")
     diff = statistics.mean(acc["train.imagenet"]) - statistics.mean(acc["train.cifar"])
     if min(map(len, acc.values())) > 1:
         p = stats.ttest_ind(acc["train.imagenet"], acc["train.cifar"], equal_var=False).pvalue

@@ -6,7 +6,8 @@ and the trainers write it through :func:`save`. ``state`` is an Orbax tree ``{"s
 state and the partial-epoch metric sums, so a run stopped mid-epoch resumes with identical epoch
 metrics); ``meta`` is JSON: epoch, config, history, best accuracy, class names, machines. Orbax
 writes into a temporary folder and renames it when complete, so a run killed while saving leaves
-the previous checkpoint intact.
+the previous checkpoint intact. A trainer saves through a :class:`Writer`, which writes in the
+background.
 """
 
 from __future__ import annotations
@@ -26,21 +27,50 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing or unreadable; the message names the path."""
 
 
-def _manager(directory: Path) -> ocp.CheckpointManager:
+def _manager(directory: Path, background: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=background)
     return ocp.CheckpointManager(directory.absolute(), options=options,
                                  item_names=ITEMS)
 
 
-def save(directory: Path, step: int, tree: Any, meta: dict) -> None:
+def _save(mngr: ocp.CheckpointManager, step: int, tree: Any, meta: dict) -> None:
     """Saves ``step`` unless it is already saved (a Ctrl-C right after an epoch's save)."""
-    with _manager(directory) as mngr:
-        if step in mngr.all_steps():
-            return
+    if step not in mngr.all_steps():
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                 meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def save(directory: Path, step: int, tree: Any, meta: dict) -> None:
+    """Saves ``step`` and returns when it is on disk."""
+    with _manager(directory) as mngr:
+        _save(mngr, step, tree, meta)
         mngr.wait_until_finished()
+
+
+class Writer:
+    """Saves in the background, so that a save does not stall training: :meth:`save` returns
+    once the arrays are copied off the devices, and Orbax writes them while the next steps run
+    (one save per folder at a time: the next save there waits for the one before). :meth:`wait`
+    returns when every save is on disk; a trainer calls it before it exits."""
+
+    def __init__(self):
+        self._managers: dict[Path, ocp.CheckpointManager] = {}
+
+    def save(self, directory: Path, step: int, tree: Any, meta: dict) -> None:
+        if directory not in self._managers:
+            self._managers[directory] = _manager(directory, background=True)
+        _save(self._managers[directory], step, tree, meta)
+
+    def wait(self) -> None:
+        for mngr in self._managers.values():
+            mngr.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits, then releases the managers."""
+        for mngr in self._managers.values():
+            mngr.close()
+        self._managers.clear()
 
 
 def newest_step(directory: Path) -> int | None:

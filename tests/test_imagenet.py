@@ -138,8 +138,8 @@ def test_it_trains_on_a_tfds_dataset(tfds_dir, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--tfds", "no_such_set"], "error: --tfds no_such_set in --data-dir .*: Dataset "
-                                "no_such_set not found."),
+    (["--tfds", "no_such_set"], ("error: --tfds no_such_set in --data-dir .*: Dataset "
+                                "no_such_set not found.")),
     (["--eval-split", "test"], "error: .*: no test/ folder"),
     ([], "error: --data-dir: give the image folder"),
 ])

@@ -95,7 +95,7 @@ def test_named_recipes_set_the_defaults_and_flags_still_win():
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--recipe", "nope"], "--recipe nope: no such recipe; train/recipes/ has he2016, wrn"),
+    (["--recipe", "nope"], "--recipe nope: no such recipe; train/recipes/ has he2016, tv_resnet50, tv_resnet50_v2_optim, wrn"),
     (["--arch", "resnet20", "--dropout", "0.3"], "--dropout 0.3: resnet20 has no dropout"),
 ])
 def test_bad_recipe_or_dropout_is_one_line(env, argv, match, capsys):

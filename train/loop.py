@@ -269,13 +269,15 @@ class Checkpoints:
         self.dir = Path(cfg.workdir) / checkpoint.CHECKPOINTS
         self.classes = classes
         self.steps_per_epoch = steps_per_epoch
+        self.writer = checkpoint.Writer()
 
     def save(self, which: str, run: Run, progress: Progress, epoch: int) -> None:
+        """Starts writing ``which`` in the background (:class:`flaxres.checkpoint.Writer`)."""
         meta = {"epoch": epoch, "config": self.cfg.to_dict(), "history": progress.history,
                 "best": progress.best, "classes": list(self.classes),
                 "steps_per_epoch": self.steps_per_epoch, "machines": progress.machines}
-        checkpoint.save(self.dir / which, int(run.state.step),
-                        {"state": run.state, "metrics": progress.metrics}, meta)
+        self.writer.save(self.dir / which, int(run.state.step),
+                         {"state": run.state, "metrics": progress.metrics}, meta)
 
     def start(self, run: Run, report: Report) -> Progress:
         """Fresh progress, or with ``--resume`` the last checkpoint's (``run.state`` restored).
@@ -417,15 +419,19 @@ def fit(cfg: Config, run: Run, classes: tuple[str, ...], n_train: int, spe: int,
                 step = int(run.state.step)
         except Interrupted as e:
             ckpts.save("last", run, progress, int(run.state.step) // spe)
+            ckpts.writer.close()
             print(f"\n{e} at step {int(run.state.step)}: saved {ckpts.dir / 'last'}; continue "
                   f"with --workdir {work} --resume", file=sys.stderr)
             # SIGTERM is a scheduler's request to stop: done as asked. Ctrl-C is the user's.
             raise SystemExit(0 if e.signum == signal.SIGTERM else 130) from None
         except Diverged as e:
+            ckpts.writer.close()
             print(f"\nstopped: {e}. The last good checkpoint ({ckpts.dir / 'last'}, step "
                   f"{checkpoint.newest_step(ckpts.dir / 'last')}) is kept; try a lower --lr or "
                   "--warmup on.", file=sys.stderr)
             raise SystemExit(1) from None
+        finally:
+            ckpts.writer.close()  # every save on disk before the run returns or fails
     return summarize(progress, selection_metric(run), report)
 
 
