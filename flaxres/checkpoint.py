@@ -28,8 +28,12 @@ class CheckpointError(RuntimeError):
 
 
 def _manager(directory: Path, background: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                           enable_async_checkpointing=background)
+    # The processes' barriers are named by step: the folder's name keeps the best and last
+    # checkpoints of one step, written at once, apart.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, enable_async_checkpointing=background,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=directory.name))
     return ocp.CheckpointManager(directory.absolute(), options=options,
                                  item_names=ITEMS)
 

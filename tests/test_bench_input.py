@@ -1,5 +1,6 @@
 """bench.input: its synthetic JPEG folder is deterministic and photo-sized, a tiny in-process run
-of both pipelines writes the results it promises, and a missing folder is one line."""
+of both pipelines writes the results it promises, and a missing folder is one line; bench.stall
+on a tiny net."""
 
 import json
 
@@ -66,3 +67,15 @@ def test_missing_or_empty_data_dir_is_one_line(tmp_path, capsys, make):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--data-dir" in err and str(where) in err
     assert "Traceback" not in err
+
+
+def test_stall_measures_the_wait_for_data_within_the_steps(tmp_path):
+    from bench import stall
+
+    bench_input.make_images(tmp_path / "imgs", 16, classes=2)
+    out = stall.main(["--data-dir", str(tmp_path / "imgs"), "--arch", "resnet8",
+                      "--image-size", "32", "--batch-size", "4", "--steps", "4", "--skip", "1",
+                      "--workers", "0", "--json", str(tmp_path / "stall.json")])
+    assert out["steps_timed"] == 3 and 0 <= out["wait_s"] < out["step_s"]
+    assert out["stall_share"] == pytest.approx(out["wait_s"] / out["step_s"])
+    assert json.loads((tmp_path / "stall.json").read_text())["stall_share"] == out["stall_share"]

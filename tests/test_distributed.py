@@ -18,8 +18,10 @@ import pytest
 
 from flaxres import checkpoint
 from flaxres.checkpoint import newest_step
+from tests import test_imagenet
+from tests.test_input import folder  # noqa: F401 - the generated image folder fixture
 from tests.test_train import by_hand
-from train import cifar, loop, parallel, synthetic
+from train import cifar, imagenet, inference, loop, parallel, synthetic
 from train.config import Config
 
 # Each test runs several JAX processes: under pytest-xdist they take turns on one worker.
@@ -47,20 +49,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def single(env, workdir: Path, *args) -> subprocess.Popen:
-    """One process over two (forced host) devices."""
+def single(env, workdir: Path, *args, command: list[str] | None = None) -> subprocess.Popen:
+    """One process over two (forced host) devices; ``command``: the trainer and its data flags
+    (default: train.cifar on the synthetic CIFAR)."""
     e = dict(env["env"], XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    return subprocess.Popen([sys.executable, "-m", "train.cifar", "--data-dir", env["src"],
-                             *COMMON, "--workdir", str(workdir), *args], cwd=ROOT, env=e,
+    return subprocess.Popen([sys.executable, "-m", *(command or cifar_command(env)), "--workdir",
+                             str(workdir), *args], cwd=ROOT, env=e,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def pair(env, workdir: Path, *args) -> list[subprocess.Popen]:
+def cifar_command(env) -> list[str]:
+    return ["train.cifar", "--data-dir", env["src"], *COMMON]
+
+
+def pair(env, workdir: Path, *args, command: list[str] | None = None) -> list[subprocess.Popen]:
     """Two processes with one device each, as on two hosts, sharing ``workdir``."""
     port = free_port()
     e = dict(env["env"], XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    return [subprocess.Popen([sys.executable, "-m", "train.cifar", "--data-dir", env["src"],
-                              *COMMON, "--workdir", str(workdir), *args, "--distributed",
+    return [subprocess.Popen([sys.executable, "-m", *(command or cifar_command(env)), "--workdir",
+                              str(workdir), *args, "--distributed",
                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                               "--process-id", str(i), "--peer-timeout", "20"],
                              cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -97,14 +104,14 @@ def final_params(workdir: Path) -> np.ndarray:
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves((s.params, s.batch_stats))])
 
 
-def assert_same_run(a: Path, b: Path) -> None:
+def assert_same_run(a: Path, b: Path, params=final_params) -> None:
     ha, hb = history(a), history(b)
     assert [h["step"] for h in ha] == [h["step"] for h in hb]
     for x, y in zip(ha, hb):
         assert x.keys() == y.keys()
         for k in x:  # fp32 reduction order differs between the two layouts
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), (k, x, y)
-    np.testing.assert_allclose(final_params(a), final_params(b), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(params(a), params(b), rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +189,22 @@ def test_killed_peer_stops_the_other_and_resume_continues(env):
     finish(pair(env, wd, "--epochs", "4", "--resume"))
     assert history(wd) == history(reference)
     np.testing.assert_array_equal(final_params(wd), final_params(reference))
+
+
+@pytest.mark.full
+def test_imagenet_two_processes_train_like_one_process_over_the_same_devices(env, folder):  # noqa: F811
+    """Each process reads its rows of every global batch from the image folder; the global
+    batches, hence the run, are one process's."""
+    command = ["train.imagenet", "--data-dir", str(folder), *test_imagenet.COMMON]
+    one, two = env["root"] / "inet-single", env["root"] / "inet-pair"
+    finish([single(env, one, "--epochs", "2", command=command)])
+    out0, _ = finish(pair(env, two, "--epochs", "2", command=command))
+    assert "over 2 cpu device(s) in 2 process(es)" in out0
+
+    def params(workdir: Path) -> np.ndarray:
+        _, run, _ = inference.restore(imagenet.parse_args(
+            [*command[1:], "--checkpoint", str(workdir / "checkpoints" / "last")]))
+        s = run.state
+        return np.concatenate([np.ravel(x) for x in jax.tree.leaves((s.params, s.batch_stats))])
+
+    assert_same_run(two, one, params)

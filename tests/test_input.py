@@ -65,6 +65,12 @@ def test_processes_share_each_epoch_once_and_epochs_reshuffle(folder):
     labels = np.concatenate([shards[0][i]["label"] for i in range(steps)])
     idx = _epoch_indices(shards[0], steps)
     np.testing.assert_array_equal(labels, idx // PER_CLASS)
+    # The processes' rows, stacked, are one process's batch, crops and flips included.
+    one = pipeline.train_dataset(src, size=32, global_batch=4, seed=3, epochs=2)
+    for i in (0, steps + 1):
+        for key in ("image", "index"):
+            np.testing.assert_array_equal(
+                np.concatenate([shards[p][i][key] for p in range(2)]), one[i][key])
 
 
 def test_the_iterator_resumes_exactly_and_workers_change_nothing(folder):

@@ -127,8 +127,9 @@ class StreamEvalSet:
         return metrics
 
 
-def train(cfg: ImageNetConfig, on_step=None) -> dict:
-    """Trains ``cfg`` on its image folder through :func:`train.loop.fit`."""
+def prepare(cfg: ImageNetConfig) -> tuple[loop.Run, tuple[str, ...], int, int]:
+    """The run ``cfg`` describes, fed by the input pipeline: ``(run, classes, training images,
+    steps per epoch)``."""
     train_src, val_src = sources(cfg)
     cfg.num_classes = cfg.num_classes or len(train_src.classes)
     spe = len(train_src) // cfg.batch_size
@@ -141,7 +142,13 @@ def train(cfg: ImageNetConfig, on_step=None) -> dict:
                                      style=cfg.transforms)
     run.feed = StreamFeed(dataset, run.mesh, cfg.workers, spe)
     run.eval_sets["test"] = StreamEvalSet(val_src, cfg, run)
-    return loop.fit(cfg, run, train_src.classes, len(train_src), spe, cfg.data_dir, on_step)
+    return run, train_src.classes, len(train_src), spe
+
+
+def train(cfg: ImageNetConfig, on_step=None) -> dict:
+    """Trains ``cfg`` on its images through :func:`train.loop.fit`."""
+    run, classes, n_train, spe = prepare(cfg)
+    return loop.fit(cfg, run, classes, n_train, spe, cfg.tfds or cfg.data_dir, on_step)
 
 
 def sources(cfg: ImageNetConfig) -> tuple:

@@ -7,8 +7,10 @@ processes. Each JAX process reads only its own shard, and its local batches beco
 checkpoint can hold, so a resumed run sees the batches that an uninterrupted run would have.
 
 One epoch is ``steps_per_epoch * global_batch`` images of a fresh shuffle (the remainder is
-dropped, as ``DataLoader(drop_last=True)`` does); process ``p`` of ``P`` takes every ``P``-th of
-them, so across processes every image of the epoch is read exactly once.
+dropped, as ``DataLoader(drop_last=True)`` does); process ``p`` of ``P`` reads rows ``p * L`` to
+``p * L + L - 1`` of each global batch (``L = global_batch / P``), so across processes every
+image of the epoch is read exactly once, and the global batch, its augmentation included, is the
+one a single process would make, row for row.
 """
 
 from __future__ import annotations
@@ -183,9 +185,32 @@ def train_dataset(source, *, size: int, global_batch: int, seed: int, epochs: in
         raise DataError(f"{len(source)} training images are fewer than one batch of "
                         f"{global_batch}")
     ds = grain.MapDataset.source(source).shuffle(seed=seed)[: steps * global_batch]
-    ds = ds.repeat(epochs)[shard.index::shard.count]
-    return ds.random_map(_Train(size, style), seed=seed).batch(global_batch // shard.count,
-                                                               drop_remainder=True)
+    # Augmented by the image's position in the run, whichever process reads it.
+    ds = ds.repeat(epochs).random_map(_Train(size, style), seed=seed)
+    return _ProcessRows(ds, global_batch, shard).batch(global_batch // shard.count,
+                                                       drop_remainder=True)
+
+
+class _ProcessRows(grain.MapDataset):
+    """This process's rows of each global batch of ``parent``'s elements: ``L`` consecutive ones
+    from row ``shard.index * L``, ``L = global_batch / shard.count``."""
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, shard: Shard):
+        super().__init__(parent)
+        self._global, self._local = global_batch, global_batch // shard.count
+        self._first = shard.index * self._local
+        self._length = len(parent) // global_batch * self._local
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._local)
+        return self._parent[batch * self._global + self._first + row]
 
 
 def eval_dataset(source, *, size: int, global_batch: int, shard: Shard = Shard(),
