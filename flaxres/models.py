@@ -289,6 +289,14 @@ class Bottleneck(BasicBlock):
         return _conv_bn(self.conv3, self.bn3, out, relu=True, residual=self._shortcut(x))
 
 
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """PyTorch's ``MaxPool2d(3, stride=2, padding=1)``: the padding is -inf, so it never wins. It
+    is padded explicitly, because jax2onnx's ONNX form of ``nnx.max_pool`` drops the pool's own
+    padding argument."""
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2))
+
+
 class ResNet(nnx.Module):
     """Stem, stages of blocks (first stage stride 1, the others stride 2), global pool, fc.
 
@@ -378,7 +386,7 @@ class ResNet(nnx.Module):
         x = x.astype(self.dtype)
         x = self.conv1(x) if self.preact else _conv_bn(self.conv1, self.bn1, x, relu=True)
         if self.stem == "imagenet":
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool_3x3_s2(x)
         outs = [x]
         for stage in self.stages():
             for blk in stage:

@@ -85,8 +85,9 @@ MUTANTS = [
         optax.scale_by_learning_rate(learning_rate),""", OPTIM,
            breaks="weight decay is added before momentum, as in torch.optim.SGD"),
     Mutant("imagenet_maxpool_same", "flaxres/models.py",
-           "nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))",
-           "nnx.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')", MODELS,
+           "return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2))",
+           "return nnx.max_pool(x[:, 1:, 1:], window_shape=(3, 3), strides=(2, 2), "
+           "padding='SAME')", MODELS,
            breaks="the ImageNet stem's max-pool pads 1 on each side"),
     Mutant("head_max_pool", "flaxres/models.py",
            "pooled = x.mean(axis=(1, 2))", "pooled = x.max(axis=(1, 2))", MODELS,
@@ -169,10 +170,10 @@ _FROM_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}""", CONVERT,
            "return optax.constant_schedule(base_lr)", SCHEDULES,
            breaks="warm-up runs at lr / 10"),
     Mutant("features_stem_before_maxpool", "flaxres/models.py",
-           """            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+           """            x = max_pool_3x3_s2(x)
         outs = [x]""",
            """            outs = [x]
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool_3x3_s2(x)
         outs = outs if self.stem == "imagenet" else [x]""", MODELS,
            breaks="the stem feature is taken after the max-pool"),
     Mutant("linear_kernel_not_transposed", "flaxres/convert.py",

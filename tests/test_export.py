@@ -1,0 +1,167 @@
+"""flaxres.export: the ONNX file, run by onnxruntime, gives flaxres's eval logits and those of
+PyTorch's own ``torch.onnx.export`` of the same weights, one net per block kind; the StableHLO
+artifact, reloaded in a process that cannot import flaxres, gives the jitted model's logits bit
+for bit; bad input is one line and writes nothing. The full tier exports every registered net."""
+
+import io
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+from flax import nnx
+
+import flaxres
+from flaxres import export
+from flaxres.convert import to_torch
+from parity.reference import create_torch_model
+
+# One small net per block kind, each with the PyTorch module its weights load into.
+NETS = {
+    "basic, option-A shortcut": ("resnet20", 32, lambda: create_torch_model("resnet20")),
+    "basic, ImageNet stem": (
+        lambda **kw: flaxres.imagenet_resnet(18, **kw), 64,
+        lambda: torchvision.models.resnet18(num_classes=10)),
+    "bottleneck, ImageNet stem": (
+        lambda **kw: flaxres.resnext((1, 1, 1, 1), 1, 64, **kw), 64,
+        lambda: torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck,
+                                                 [1, 1, 1, 1], num_classes=10)),
+    "ResNeXt groups": (
+        lambda **kw: flaxres.resnext((1, 1, 1, 1), 8, 4, **kw), 64,
+        lambda: torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck,
+                                                 [1, 1, 1, 1], groups=8, width_per_group=4,
+                                                 num_classes=10)),
+}
+
+
+def with_random_statistics(model: flaxres.ResNet, seed: int = 0) -> flaxres.ResNet:
+    """BatchNorm scales, shifts and running statistics away from their identity defaults, so
+    that folding or dropping a BatchNorm shows."""
+    rng = np.random.default_rng(seed)
+    for _, bn in model.iter_modules():
+        if isinstance(bn, flaxres.BatchNorm):
+            c = bn.scale.shape[0]
+            bn.scale[...] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+            bn.bias[...] = rng.normal(0, 0.2, c).astype(np.float32)
+            bn.mean[...] = rng.normal(0, 0.2, c).astype(np.float32)
+            bn.var[...] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    return model
+
+
+def build(kind: str) -> tuple[flaxres.ResNet, int, torch.nn.Module]:
+    arch, size, torch_model = NETS[kind]
+    kw = {"num_classes": 10, "cpu_ops": flaxres.CpuOps.off()}
+    model = flaxres.create_model(arch, **kw) if isinstance(arch, str) else arch(
+        rngs=nnx.Rngs(0), **kw)
+    model = with_random_statistics(model)
+    model.eval()
+    ref = torch_model().eval()
+    ref.load_state_dict(to_torch(model), strict=True)
+    return model, size, ref
+
+
+def run_onnx(proto: bytes, images: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images})[0]
+
+
+def relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("kind", list(NETS))
+def test_onnx_in_onnxruntime_equals_flaxres_and_pytorchs_own_export(kind):
+    model, size, ref = build(kind)
+    images = np.random.default_rng(1).normal(size=(3, size, size, 3)).astype(np.float32)
+    proto = export.to_onnx(model, image_size=size)
+    assert [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim][:1] == ["batch"]
+    ours = run_onnx(proto.SerializeToString(), images)
+    want = np.asarray(jax.jit(model)(images))
+    assert relative(ours, want) < 1e-5
+
+    buf = io.BytesIO()
+    torch.onnx.export(ref, (torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),), buf,
+                      dynamo=False, input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}})
+    theirs = run_onnx(buf.getvalue(), images.transpose(0, 3, 1, 2).copy())
+    assert relative(ours, theirs) < 1e-5
+
+
+_RELOAD = textwrap.dedent("""
+    import sys
+    sys.modules["flaxres"] = None  # this process cannot import flaxres
+    try:
+        import flaxres
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("flaxres was importable")
+    import jax, numpy as np
+    exported = jax.export.deserialize(bytearray(open(sys.argv[1], "rb").read()))
+    assert exported.platforms == ("cpu", "cuda"), exported.platforms
+    np.save(sys.argv[3], np.asarray(exported.call(np.load(sys.argv[2]))))
+""")
+
+
+def test_stablehlo_reloads_without_flaxres_and_gives_the_jitted_models_logits(tmp_path):
+    path = export.export("resnet20", tmp_path / "r20.shlo", format="stablehlo")
+    model = export.load("resnet20")
+    for n in (1, 5):  # the batch dimension is symbolic
+        images = np.random.default_rng(n).normal(size=(n, 32, 32, 3)).astype(np.float32)
+        np.save(tmp_path / "x.npy", images)
+        subprocess.run([sys.executable, "-c", _RELOAD, str(path), str(tmp_path / "x.npy"),
+                        str(tmp_path / "y.npy")], check=True, cwd=tmp_path)
+        with jax.default_matmul_precision("highest"):
+            want = np.asarray(jax.jit(export.forward(model))(images))
+        np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), want)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["resnet8", "--format", "onnx"], "error: unknown model 'resnet8'"),
+    (["resnet20", "--format", "onnx", "--pretrained", "resnet18.tv_in1k"],
+     "error: --pretrained resnet18.tv_in1k: weights of resnet18, not resnet20"),
+    (["resnet20", "--format", "tflite"], "python -m flaxres.export: error: argument --format"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "model.onnx"
+    with pytest.raises(SystemExit) as e:
+        export.main([*args, "--output", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_weights_of_another_arch_are_one_line(tmp_path, capsys):
+    weights = tmp_path / "r32.safetensors"
+    flaxres.weights.save_safetensors(flaxres.create_model("resnet32"), weights)
+    with pytest.raises(SystemExit):
+        export.main(["resnet20", "--weights", str(weights), "--format", "onnx", "--output",
+                     str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "resnet20" in err, err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_operation_without_an_onnx_form_is_named():
+    model = flaxres.create_model("resnet20")  # oneDNN's CPU kernels, chosen per platform
+    model.eval()
+    with pytest.raises(export.ExportError, match="no ONNX form for the JAX operation "
+                                                 "'platform_index' in flaxres"):
+        export.to_onnx(model, image_size=32)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("arch", flaxres.list_models())
+def test_every_registered_net_exports_to_a_checked_onnx_file(arch, tmp_path):
+    size = min(flaxres.default_cfg(arch).input_size, 64)
+    path = export.export(arch, tmp_path / f"{arch}.onnx", format="onnx", image_size=size)
+    onnx.checker.check_model(str(path), full_check=True)
+    model = export.load(arch)
+    images = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+    assert relative(run_onnx(path.read_bytes(), images), np.asarray(jax.jit(model)(images))) < 1e-5
