@@ -417,6 +417,7 @@ def fit(cfg: Config, run: Run, classes: tuple[str, ...], n_train: int, spe: int,
                 end_epoch(run, cfg, progress, ckpts, report, epoch, first, end,
                           time.perf_counter() - t0)
                 step = int(run.state.step)
+            ckpts.writer.close()  # every save on disk before the run returns
         except Interrupted as e:
             ckpts.save("last", run, progress, int(run.state.step) // spe)
             ckpts.writer.close()
@@ -430,8 +431,8 @@ def fit(cfg: Config, run: Run, classes: tuple[str, ...], n_train: int, spe: int,
                   f"{checkpoint.newest_step(ckpts.dir / 'last')}) is kept; try a lower --lr or "
                   "--warmup on.", file=sys.stderr)
             raise SystemExit(1) from None
-        finally:
-            ckpts.writer.close()  # every save on disk before the run returns or fails
+        # Other errors leave an unfinished save behind, as a kill would (the checkpoint before
+        # it stays whole): after a lost peer, waiting for it would wait for the dead process.
     return summarize(progress, selection_metric(run), report)
 
 
