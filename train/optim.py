@@ -91,8 +91,8 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9, weight_dec
                      _in_group, group, norm=norm_weight_decay is not None,
                      bias=bias_weight_decay is not None))
                  for group, rate in rates.items() if rate]
-    return optax.chain(*decay, optax.sgd(learning_rate, momentum=momentum or None,
-                                         nesterov=nesterov))
+    step = optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)
+    return optax.chain(*decay, step)
 
 
 def decay_groups(params: Any, *, norm: bool, bias: bool) -> Any:
