@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from bench.speed.threads import set_threads
-from bench.speed.timing import alternate_workers, at_least_one
+from bench.speed.timing import add_worker_flags, alternate_workers, at_least_one
+from train.config import OneLineParser
 
 COLUMNS = ("flaxres", "ort-flaxres", "ort-torch", "torch-eager", "torch-channels_last",
            "torch-compile")
@@ -186,17 +187,11 @@ def table(arch: str, per: dict, batch: int) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.speed.infer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m bench.speed.infer", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet20,resnet50", help="comma-separated")
-    p.add_argument("--rounds", type=at_least_one, default=2,
-                   help="processes per column (default: 2)")
-    p.add_argument("--threads", type=at_least_one, default=2,
-                   help="threads per process (default: 2)")
-    p.add_argument("--batch", type=at_least_one, default=64,
-                   help="the throughput batch (default: 64)")
-    p.add_argument("--reps", type=at_least_one, default=10,
-                   help="timed throughput calls per process (default: 10)")
+    add_worker_flags(p, rounds=2, reps=10, reps_help="timed throughput calls per process",
+                     batch=64)
     p.add_argument("--latency-reps", type=at_least_one, default=100,
                    help="timed batch-1 calls per process (default: 100)")
     p.add_argument("--json", help="write the results here")

@@ -65,13 +65,14 @@ def at_least_one(text: str) -> int:
     return n
 
 
-def add_worker_flags(p: argparse.ArgumentParser, rounds: int, reps: int, reps_help: str) -> None:
+def add_worker_flags(p: argparse.ArgumentParser, rounds: int, reps: int, reps_help: str,
+                     batch: int = 128) -> None:
     """The flags of a command that times each framework in ``alternate_workers``' processes."""
     p.add_argument("--rounds", type=at_least_one, default=rounds,
                    help=f"processes per framework (default: {rounds})")
     p.add_argument("--threads", type=at_least_one, default=2,
                    help="threads per process (default: 2)")
-    p.add_argument("--batch", type=at_least_one, default=128, help="(default: 128)")
+    p.add_argument("--batch", type=at_least_one, default=batch, help=f"(default: {batch})")
     p.add_argument("--reps", type=at_least_one, default=reps,
                    help=f"{reps_help} (default: {reps})")
 
