@@ -107,10 +107,13 @@ def to_stablehlo(model: ResNet, *, image_size: int, batch: int | None = None,
 
 def to_onnx(model: ResNet, *, image_size: int, batch: int | None = None, name: str = "flaxres"):
     """The forward pass, BatchNorm folded (:func:`fold_batch_norm`), as an ONNX ``ModelProto``
-    (jax2onnx), checked by ``onnx.checker`` with shape inference. A JAX operation jax2onnx has no ONNX form for is an :class:`ExportError`
-    naming it."""
-    import onnx
-    from jax2onnx import to_onnx as jax2onnx
+    (jax2onnx), checked by ``onnx.checker`` with shape inference. A JAX operation jax2onnx has no
+    ONNX form for, or a missing ``export`` extra, is an :class:`ExportError` naming it."""
+    try:
+        import onnx
+        from jax2onnx import to_onnx as jax2onnx
+    except ImportError as e:
+        raise ExportError(f"--format onnx needs {e.name}: pip install 'flaxres[export]'") from None
 
     try:
         proto = jax2onnx(forward(fold_batch_norm(model)),

@@ -148,6 +148,16 @@ def test_weights_of_another_arch_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_a_missing_export_extra_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)
+    with pytest.raises(SystemExit) as e:
+        export.main(["resnet20", "--format", "onnx", "--output", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and err.count("\n") == 1, err
+    assert "--format onnx needs jax2onnx: pip install 'flaxres[export]'" in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_an_operation_without_an_onnx_form_is_named(monkeypatch):
     # oneDNN's fused convolution + BatchNorm, chosen per platform in the program, has no ONNX
     # form; flaxres.export folds BatchNorm away first, so this takes leaving it in.

@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Import name -> distribution, for the library's third-party imports.
 DISTRIBUTIONS = {"jax": "jax", "flax": "flax", "numpy": "numpy", "orbax": "orbax-checkpoint",
                  "PIL": "pillow", "safetensors": "safetensors"}
-# Imported only inside the functions that need them, each optional for the library.
-OPTIONAL = {"torch", "tqdm"}
+# Imported only inside the functions that need them, each optional for the library: torch (the
+# `torch` extra) converts .pth weights, jax2onnx and onnx (the `export` extra) write ONNX.
+OPTIONAL = {"torch", "tqdm", "jax2onnx", "onnx"}
 
 
 def _declared() -> set[str]:
