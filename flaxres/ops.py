@@ -65,6 +65,10 @@ class CpuOps:
     onednn_threads: int = 0
     # With conv="onednn": train-mode BatchNorm (and its ReLU) in oneDNN too; False for A/B runs.
     onednn_batch_norm: bool = True
+    # With conv="onednn", for serving: eval-mode convolutions whose weights are constants of the
+    # traced program (a model closed over by jax.jit) get them in oneDNN's layout once, at trace
+    # time, instead of reordering them in every call (conv_batch_norm_eval).
+    pack_weights: bool = False
 
     def __post_init__(self):
         if self.conv not in ("xla", "onednn"):
@@ -227,7 +231,13 @@ def conv_batch_norm_eval(x, w, strides, padding, groups: int, mean, inv, bias, r
     eps)``) and what comes after it in a block. On the CPU with oneDNN (fp32) one call computes it
     all, the BatchNorm and the rest as post-ops of the convolution (inference writes each
     activation once; under autodiff the forward runs unfused, as below); elsewhere the
-    convolution of ``cpu`` and XLA's elementwise ops."""
+    convolution of ``cpu`` and XLA's elementwise ops.
+
+    With ``cpu.pack_weights``, a concrete ``w`` (not a tracer: a model closed over by
+    ``jax.jit``) is reordered into oneDNN's layout for this input shape right here, on the CPU,
+    and the program keeps that copy as a constant of its CPU branch: a batch-1 ResNet-50 forward
+    pass otherwise spends a large share of its time reordering weights (docs/deploy.md).
+    Weights that are arguments of the program (``nnx.jit``) are reordered in every call."""
     strides = tuple(int(s) for s in strides)
     pads = _explicit_padding(padding, x.shape, w.shape, strides)
 
@@ -242,14 +252,31 @@ def conv_batch_norm_eval(x, w, strides, padding, groups: int, mean, inv, bias, r
     if (cpu.conv == "onednn" and cpu.onednn_batch_norm and onednn.supports(x, w, groups)
             and all(a.dtype == x.dtype for a in operands if a is not None)
             and not any(p < 0 for pair in pads for p in pair) and onednn.available()):
+        packed = _packed_weights(x, w, strides, pads, groups, relu, residual, cpu)
+
         @jax.custom_vjp
-        def fused(*a):
-            return onednn.conv_batch_norm_forward(*a, strides, pads, groups, relu,
-                                                  cpu.onednn_threads)
+        def fused(x, w, mean, inv, bias, residual):
+            if packed is None:
+                return onednn.conv_batch_norm_forward(x, w, mean, inv, bias, residual, strides,
+                                                      pads, groups, relu, cpu.onednn_threads)
+            return onednn.conv_batch_norm_forward_packed(x, packed, w.shape, mean, inv, bias,
+                                                         residual, strides, pads, groups, relu,
+                                                         cpu.onednn_threads)
 
         fused.defvjp(lambda *a: jax.vjp(plain, *a), lambda vjp, dy: vjp(dy))
         return lax.platform_dependent(*operands, cpu=fused, default=plain)
     return plain(*operands)
+
+
+def _packed_weights(x, w, strides, pads, groups: int, relu: bool, residual, cpu: CpuOps):
+    """``w`` packed for oneDNN's fused convolution on ``x``'s shape, computed now on the CPU, if
+    ``cpu.pack_weights`` and ``w`` is a constant of the program being traced; else None."""
+    if (not cpu.pack_weights or isinstance(w, jax.core.Tracer)
+            or not all(isinstance(d, int) for d in x.shape)):
+        return None
+    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
+        return onednn.pack_weights(w, x.shape, strides, pads, groups, relu,
+                                   residual is not None, cpu.onednn_threads)
 
 
 # ----------------------------------------------------------------------------- BatchNorm

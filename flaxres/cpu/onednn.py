@@ -28,6 +28,8 @@ FORWARD = "flaxres_onednn_conv_fwd"
 BACKWARD_DATA = "flaxres_onednn_conv_bwd_data"
 BACKWARD_WEIGHTS = "flaxres_onednn_conv_bwd_weights"
 CONV_BN_FORWARD = "flaxres_onednn_conv_bn_fwd"
+CONV_BN_FORWARD_PACKED = "flaxres_onednn_conv_bn_fwd_packed"
+PACK_WEIGHTS = "flaxres_onednn_pack_weights"
 BN_FORWARD = "flaxres_onednn_bn_fwd"
 BN_BACKWARD = "flaxres_onednn_bn_bwd"
 ONEDNN_RUNTIME = "libdnnl.so.3"
@@ -67,13 +69,15 @@ def load(path: Path | None) -> ctypes.CDLL:
         ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
     lib = ctypes.CDLL(str(path))
     try:
-        for target in (FORWARD, BACKWARD_DATA, BACKWARD_WEIGHTS, CONV_BN_FORWARD, BN_FORWARD,
-                       BN_BACKWARD):
+        for target in (FORWARD, BACKWARD_DATA, BACKWARD_WEIGHTS, CONV_BN_FORWARD,
+                       CONV_BN_FORWARD_PACKED, PACK_WEIGHTS, BN_FORWARD, BN_BACKWARD):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)),
                                         platform="cpu")
         lib.flaxres_onednn_version.restype = ctypes.c_char_p
         lib.flaxres_onednn_bn_impl.restype = ctypes.c_char_p
         lib.flaxres_onednn_bn_impl.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
+        lib.flaxres_onednn_packed_weights_size.restype = ctypes.c_int64
+        lib.flaxres_onednn_packed_weights_size.argtypes = [ctypes.c_int64] * 19
     except AttributeError as err:
         raise OSError(f"{path}: {err}") from err
     return lib
@@ -206,19 +210,58 @@ def _conv_bwd(strides, pads, groups, threads, residuals, dy):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def _conv_bn_shape(x_shape, w_shape, strides, pads) -> tuple[int, int, int, int]:
+    n, h, wd, _ = x_shape
+    kh, kw, _, o = w_shape
+    return (n, _out_size(h, kh, strides[0], pads[0]), _out_size(wd, kw, strides[1], pads[1]), o)
+
+
+def _post_attrs(relu: bool, residual) -> dict[str, np.int64]:
+    return {"relu": np.int64(relu), "residual": np.int64(residual is not None)}
+
+
 def conv_batch_norm_forward(x, w, mean, inv, bias, residual, strides, pads, groups: int = 1,
                             relu: bool = False, threads: int = 0):
     """``[relu]((conv(x, w) - mean) * inv + bias [+ residual])``, an eval-mode BatchNorm (``inv =
     scale * rsqrt(var + eps)``) and what follows it computed as oneDNN post-ops of the
     convolution, so the activation is written once; ``residual`` None or of the output's shape.
     Not differentiable itself (flaxres.ops.conv_batch_norm_eval differentiates it unfused)."""
-    n, h, wd, _ = x.shape
-    kh, kw, _, o = w.shape
-    shape = (n, _out_size(h, kh, strides[0], pads[0]), _out_size(wd, kw, strides[1], pads[1]), o)
     extra = np.zeros(1, np.float32) if residual is None else residual
-    return _call(CONV_BN_FORWARD, _f32(shape), x, w, mean, inv, bias, extra,
-                 **_attrs(strides, pads, groups, threads), relu=np.int64(relu),
-                 residual=np.int64(residual is not None))
+    return _call(CONV_BN_FORWARD, _f32(_conv_bn_shape(x.shape, w.shape, strides, pads)), x, w,
+                 mean, inv, bias, extra, **_attrs(strides, pads, groups, threads),
+                 **_post_attrs(relu, residual))
+
+
+def pack_weights(w, x_shape, strides, pads, groups: int = 1, relu: bool = False,
+                 residual: bool = False, threads: int = 0) -> jax.Array:
+    """``w`` (HWIO) reordered into the layout oneDNN's :func:`conv_batch_norm_forward` primitive
+    for an input of ``x_shape`` wants, as a flat float32 array: what every call of that
+    convolution would otherwise reorder again (a sizeable share of a batch-1 forward pass)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("flaxres: oneDNN unavailable (extension not loaded)")
+    n, h, wd, c = x_shape
+    _, ho, wo, o = _conv_bn_shape(x_shape, w.shape, strides, pads)
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
+    size = lib.flaxres_onednn_packed_weights_size(
+        n, h, wd, c, o, ho, wo, w.shape[0], w.shape[1], sh, sw, pt, pb, pl, pr, groups, threads,
+        relu, residual)
+    if size < 0:
+        raise ValueError(f"oneDNN has no convolution of {tuple(w.shape)} on {tuple(x_shape)}")
+    return _call(PACK_WEIGHTS, _f32((size,)), w, **_attrs(strides, pads, groups, threads),
+                 relu=np.int64(relu), residual=np.int64(residual), n=np.int64(n), h=np.int64(h),
+                 w=np.int64(wd), ho=np.int64(ho), wo=np.int64(wo))
+
+
+def conv_batch_norm_forward_packed(x, packed, w_shape, mean, inv, bias, residual, strides, pads,
+                                   groups: int = 1, relu: bool = False, threads: int = 0):
+    """:func:`conv_batch_norm_forward` with the weights of shape ``w_shape`` already reordered by
+    :func:`pack_weights` (for the same input shape, post-ops and threads)."""
+    extra = np.zeros(1, np.float32) if residual is None else residual
+    kh, kw, _, o = w_shape
+    return _call(CONV_BN_FORWARD_PACKED, _f32(_conv_bn_shape(x.shape, w_shape, strides, pads)),
+                 x, packed, mean, inv, bias, extra, **_attrs(strides, pads, groups, threads),
+                 **_post_attrs(relu, residual), kh=np.int64(kh), kw=np.int64(kw), o=np.int64(o))
 
 
 # ----------------------------------------------------------------------------- BatchNorm

@@ -12,6 +12,12 @@
 //        ReLU / residual add after it as oneDNN post-ops, so that inference writes each
 //        activation once; attributes relu and residual (0/1) besides those below, and a
 //        one-element residual buffer where there is none.
+//   flaxres_onednn_pack_weights      p[size]            = w[KH,KW,C/G,O] in the layout the
+//        conv_bn_fwd primitive of the attributes (n, h, w, ho, wo besides those of conv_bn_fwd)
+//        wants; flaxres_onednn_packed_weights_size (a C function) gives its length in floats.
+//   flaxres_onednn_conv_bn_fwd_packed  conv_bn_fwd with p in place of w (attributes kh, kw, o
+//        give w's shape): serving programs whose weights are constants reorder them once, at
+//        trace time (flaxres.ops.CpuOps.pack_weights), instead of in every call.
 //
 // Attributes (int64): stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right (explicit,
 // non-negative), groups (lax's feature_group_count: output channel o belongs to group
@@ -23,6 +29,8 @@
 // (oneDNN fixes the OpenMP team size when it creates a primitive) and cached behind a mutex;
 // every execution has its own scratchpad (onednn_common.h).
 #include <array>
+#include <cstring>
+#include <stdexcept>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -189,8 +197,9 @@ const Entry& Cached(Kind kind, const Geometry& g, int post, int threads) {
 
 // Runs one convolution on XLA's buffers, with the post-ops' operands (e.post_args order);
 // synchronous (oneDNN's OpenMP runtime returns when done).
+// `in1_internal`: in1 is already in the primitive's layout (packed weights).
 void Execute(const Entry& e, void* in0, void* in1, void* out,
-             std::initializer_list<void*> post = {}) {
+             std::initializer_list<void*> post = {}, bool in1_internal = false) {
   // Separate buffers: the conv's scratchpad and each reordered operand are live at once.
   thread_local ThreadBuffer scratch_buf, in0_buf, in1_buf, out_buf, reorder_buf;
   dnnl::stream stream(Engine());
@@ -208,9 +217,10 @@ void Execute(const Entry& e, void* in0, void* in1, void* out,
   };
   auto [a_user, a] = internal(e.in0, in0, in0_buf);
   auto [b_user, b] = internal(e.in1, in1, in1_buf);
+  if (in1_internal) b = dnnl::memory(e.in1.internal, Engine(), in1);
   auto [c_user, c] = internal(e.out, out, out_buf);
   if (e.in0.needs_reorder()) reorder(e.in0, a_user, a);
-  if (e.in1.needs_reorder()) reorder(e.in1, b_user, b);
+  if (e.in1.needs_reorder() && !in1_internal) reorder(e.in1, b_user, b);
   dnnl::memory scratch(e.scratch, Engine(), scratch_buf.Get(e.scratch.get_size()));
   std::unordered_map<int, dnnl::memory> args{
       {e.in0.arg, a}, {e.in1.arg, b}, {e.out.arg, c}, {DNNL_ARG_SCRATCHPAD, scratch}};
@@ -241,13 +251,15 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
 }
 
 ffi::Error Run(Kind kind, const Geometry& g, int64_t threads, void* in0, void* in1, void* out,
-               int post = 0, std::initializer_list<void*> post_ptrs = {}) {
+               int post = 0, std::initializer_list<void*> post_ptrs = {},
+               bool in1_internal = false) {
   if (g.groups < 1 || g.c % g.groups != 0 || g.o % g.groups != 0) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "flaxres oneDNN conv: channels not divisible by groups");
   }
   return flaxres::Guarded("flaxres oneDNN conv", [&] {
-    Execute(Cached(kind, g, post, flaxres::UseThreads(threads)), in0, in1, out, post_ptrs);
+    Execute(Cached(kind, g, post, flaxres::UseThreads(threads)), in0, in1, out, post_ptrs,
+            in1_internal);
   });
 }
 
@@ -257,6 +269,10 @@ ffi::Error Forward(Buffer4 x, Buffer4 w, Result4 y, int64_t stride_h, int64_t st
   Attrs a{stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups, threads};
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), a);
   return Run(kForward, g, threads, x.untyped_data(), w.untyped_data(), y->untyped_data());
+}
+
+int PostOps(int64_t relu, int64_t has_residual) {
+  return (relu ? kRelu : 0) | (has_residual ? kResidual : 0);
 }
 
 using Buffer1 = ffi::Buffer<ffi::F32, 1>;
@@ -273,11 +289,65 @@ ffi::Error ForwardBatchNorm(Buffer4 x, Buffer4 w, Buffer1 mean, Buffer1 inv, Buf
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "flaxres oneDNN conv: the residual must have the output's shape");
   }
-  const int post = (relu ? kRelu : 0) | (has_residual ? kResidual : 0);
+  const int post = PostOps(relu, has_residual);
   return Run(kForwardBatchNorm, g, threads, x.untyped_data(), w.untyped_data(),
              y->untyped_data(), post,
              {mean.untyped_data(), inv.untyped_data(), bias.untyped_data(),
               residual.untyped_data()});
+}
+
+ffi::Error ForwardBatchNormPacked(Buffer4 x, AnyF32 packed, Buffer1 mean, Buffer1 inv,
+                                  Buffer1 bias, AnyF32 residual, Result4 y, int64_t stride_h,
+                                  int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
+                                  int64_t pad_left, int64_t pad_right, int64_t groups,
+                                  int64_t threads, int64_t relu, int64_t has_residual,
+                                  int64_t kh, int64_t kw, int64_t o) {
+  Attrs a{stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups, threads};
+  const int64_t w_dims[4] = {kh, kw, x.dimensions()[3] / (groups > 0 ? groups : 1), o};
+  auto g = MakeGeometry(x.dimensions(), ffi::Span<const int64_t>(w_dims, 4), y->dimensions(), a);
+  return flaxres::Guarded("flaxres oneDNN conv", [&] {
+    const Entry& e = Cached(kForwardBatchNorm, g, PostOps(relu, has_residual),
+                            flaxres::UseThreads(threads));
+    if (packed.size_bytes() != e.in1.internal.get_size()) {
+      throw std::invalid_argument("packed weights of another convolution");
+    }
+    Execute(e, x.untyped_data(), packed.untyped_data(), y->untyped_data(),
+            {mean.untyped_data(), inv.untyped_data(), bias.untyped_data(),
+             residual.untyped_data()}, /*in1_internal=*/true);
+  });
+}
+
+Geometry PackGeometry(ffi::Span<const int64_t> w, int64_t n, int64_t h, int64_t wd, int64_t ho,
+                      int64_t wo, const Attrs& a) {
+  return {n, h, wd, w[2] * a.groups, w[3], ho, wo, w[0], w[1],
+          a.stride_h, a.stride_w, a.pad_top, a.pad_bottom, a.pad_left, a.pad_right, a.groups};
+}
+
+ffi::Error PackWeights(Buffer4 w, ffi::Result<AnyF32> packed, int64_t stride_h, int64_t stride_w,
+                       int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+                       int64_t groups, int64_t threads, int64_t relu, int64_t has_residual,
+                       int64_t n, int64_t h, int64_t wd, int64_t ho, int64_t wo) {
+  Attrs a{stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups, threads};
+  auto g = PackGeometry(w.dimensions(), n, h, wd, ho, wo, a);
+  return flaxres::Guarded("flaxres oneDNN weight packing", [&] {
+    const Entry& e = Cached(kForwardBatchNorm, g, PostOps(relu, has_residual),
+                            flaxres::UseThreads(threads));
+    if (packed->size_bytes() != e.in1.internal.get_size()) {
+      throw std::invalid_argument("packed weights buffer of the wrong size");
+    }
+    dnnl::memory from(e.in1.user, Engine(), w.untyped_data());
+    dnnl::memory to(e.in1.internal, Engine(), packed->untyped_data());
+    dnnl::stream stream(Engine());
+    if (e.in1.needs_reorder()) {
+      std::vector<char> scratch(e.in1.reorder_scratch.get_size() + 1);
+      dnnl::memory pad(e.in1.reorder_scratch, Engine(), scratch.data());
+      e.in1.reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                                     {DNNL_ARG_SCRATCHPAD, pad}});
+    } else {
+      std::memcpy(packed->untyped_data(), w.untyped_data(), packed->size_bytes());
+    }
+    stream.wait();
+  });
 }
 
 ffi::Error BackwardData(Buffer4 dy, Buffer4 w, Result4 dx, int64_t stride_h, int64_t stride_w,
@@ -325,12 +395,54 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bn_fwd, flaxres::ForwardBatchN
                                   .Ret<Buffer4>() FLAXRES_CONV_ATTRS
                                   .Attr<int64_t>("relu")
                                   .Attr<int64_t>("residual"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bn_fwd_packed, flaxres::ForwardBatchNormPacked,
+                              ffi::Ffi::Bind()
+                                  .Arg<Buffer4>()
+                                  .Arg<AnyF32>()
+                                  .Arg<Buffer1>()
+                                  .Arg<Buffer1>()
+                                  .Arg<Buffer1>()
+                                  .Arg<AnyF32>()
+                                  .Ret<Buffer4>() FLAXRES_CONV_ATTRS
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("residual")
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("o"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_pack_weights, flaxres::PackWeights,
+                              ffi::Ffi::Bind().Arg<Buffer4>().Ret<AnyF32>() FLAXRES_CONV_ATTRS
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("residual")
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("h")
+                                  .Attr<int64_t>("w")
+                                  .Attr<int64_t>("ho")
+                                  .Attr<int64_t>("wo"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bwd_data, flaxres::BackwardData,
                               ffi::Ffi::Bind().Arg<Buffer4>().Arg<Buffer4>().Ret<Buffer4>()
                                   FLAXRES_CONV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bwd_weights, flaxres::BackwardWeights,
                               ffi::Ffi::Bind().Arg<Buffer4>().Arg<Buffer4>().Ret<Buffer4>()
                                   FLAXRES_CONV_ATTRS);
+
+// Length in floats of flaxres_onednn_pack_weights's output for these attributes; -1 when oneDNN
+// has no such convolution.
+extern "C" int64_t flaxres_onednn_packed_weights_size(
+    int64_t n, int64_t h, int64_t w, int64_t c, int64_t o, int64_t ho, int64_t wo, int64_t kh,
+    int64_t kw, int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
+    int64_t pad_left, int64_t pad_right, int64_t groups, int64_t threads, int64_t relu,
+    int64_t residual) {
+  flaxres::Geometry g{n, h, w, c, o, ho, wo, kh, kw, stride_h, stride_w,
+                      pad_top, pad_bottom, pad_left, pad_right, groups};
+  try {
+    const auto& e = flaxres::Cached(flaxres::kForwardBatchNorm, g,
+                                    flaxres::PostOps(relu, residual),
+                                    flaxres::UseThreads(threads));
+    return int64_t(e.in1.internal.get_size() / sizeof(float));
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
 
 // "major.minor.patch" of the oneDNN the library runs with (for results files).
 extern "C" const char* flaxres_onednn_version() {
