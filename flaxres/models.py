@@ -246,8 +246,9 @@ class BasicBlock(nnx.Module):
         """What the block adds before its last ReLU (None in a plain net)."""
         if not self.has_shortcut:
             return None
-        if self.downsample is not None:
-            return self.downsample(x)
+        if self.downsample is not None:  # the projection's BatchNorm fuses like the others'
+            conv, *bn = self.downsample.layers
+            return _conv_bn(conv, bn[0] if bn else None, x, relu=False)
         return _maybe(self.pad_shortcut, x)
 
 

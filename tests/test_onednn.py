@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax import lax
 
+import flaxres
 from flaxres import ops
 from flaxres.cpu import onednn
 
@@ -327,3 +329,43 @@ def test_cli_onednn_without_extension_is_a_clear_error(prog, monkeypatch, capsys
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "error: --cpu-conv onednn: simulated: extension not built")
+
+
+PACKING_NETS = {  # (builder, image size)
+    "basic, option-A shortcut": (lambda rngs, **kw: flaxres.create_model("resnet20", **kw), 32),
+    "bottleneck, ImageNet stem": (lambda **kw: flaxres.resnext((1, 1, 1, 1), 1, 64, **kw), 64),
+    "ResNeXt groups": (lambda **kw: flaxres.resnext((1, 1, 1, 1), 8, 4, **kw), 64),
+}
+
+
+@needs_extension
+@pytest.mark.parametrize("kind", list(PACKING_NETS))
+def test_weights_packed_at_trace_time_give_the_same_logits_and_gradients(kind):
+    """CpuOps(pack_weights=True): a model closed over by jax.jit gets its weights in oneDNN's
+    layout once, at trace time (no packing left in the program), with bit-identical logits and
+    input gradients for every batch size; as an argument (nnx.jit) its weights stay unpacked."""
+    builder, size = PACKING_NETS[kind]
+    plain = builder(num_classes=10, rngs=nnx.Rngs(0))
+    packed = builder(num_classes=10, rngs=nnx.Rngs(1), cpu_ops=ops.CpuOps(pack_weights=True))
+    rng = np.random.default_rng(0)
+    for _, bn in plain.iter_modules():  # BatchNorm statistics away from the identity
+        if isinstance(bn, flaxres.BatchNorm):
+            bn.mean[...] = rng.normal(0, 0.2, bn.mean.shape).astype(np.float32)
+            bn.var[...] = rng.uniform(0.5, 1.5, bn.var.shape).astype(np.float32)
+    nnx.update(packed, nnx.state(plain))
+    plain.eval()
+    packed.eval()
+    run = jax.jit(lambda x: packed(x))
+    x = jnp.asarray(rng.standard_normal((2, size, size, 3)), jnp.float32)
+    convs = sum(isinstance(m, nnx.Conv) for _, m in plain.iter_modules())
+    text = run.lower(x).as_text()
+    assert text.count("@flaxres_onednn_conv_bn_fwd_packed(") == convs
+    assert "@flaxres_onednn_conv_bn_fwd(" not in text and "pack_weights" not in text
+    for batch in (2, 3):
+        x = jnp.asarray(rng.standard_normal((batch, size, size, 3)), jnp.float32)
+        expected = jax.jit(lambda x: plain(x))(x)
+        assert np.array_equal(run(x), expected)
+        as_argument = nnx.jit(lambda m, x: m(x))
+        assert np.array_equal(as_argument(packed, x), as_argument(plain, x))
+    grad = lambda model: jax.jit(jax.grad(lambda x: model(x).sum()))(x)
+    assert np.array_equal(grad(packed), grad(plain))
