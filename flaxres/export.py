@@ -123,8 +123,176 @@ def to_onnx(model: ResNet, *, image_size: int, batch: int | None = None, name: s
         primitive = str(e).rsplit("primitive", 1)[-1].strip(" '\"")
         raise ExportError(f"--format onnx: jax2onnx has no ONNX form for the JAX operation "
                           f"{primitive!r} in {name}") from None
+    fold_max_pool_padding(proto)
+    global_average_pool(proto)
+    slice_only_cut_axes(proto)
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def _graph_index(graph):
+    """Each value's consuming nodes, the constant values (initializers and ``Constant`` nodes)
+    and an attribute reader, for the rewrites below."""
+    from onnx import helper, numpy_helper
+
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+
+    def attr(node, name: str):
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name),
+                    None)
+
+    return consumers, constants, attr
+
+
+def _drop(graph, nodes, consumers) -> None:
+    """Removes ``nodes`` and the initializers only they used."""
+    dropped = {id(node) for node in nodes}
+    for node in nodes:
+        graph.node.remove(node)
+    for name in {n for node in nodes for n in node.input}:
+        if all(id(c) in dropped for c in consumers.get(name, [])):
+            for t in [t for t in graph.initializer if t.name == name]:
+                graph.initializer.remove(t)
+
+
+def fold_max_pool_padding(proto) -> int:
+    """Folds each ``Pad`` (constant -inf, spatial axes of NHWC) that reaches a ``MaxPool`` through
+    the NHWC-to-NCHW ``Transpose`` into the pool's ``pads``, in place; returns how many. The
+    stem's max pool pads explicitly (:func:`flaxres.models.max_pool_3x3_s2`); as a ``Pad`` of its
+    own it keeps onnxruntime from running stem and pool in one blocked layout, the way PyTorch's
+    export (a ``MaxPool`` with ``pads``) runs."""
+    import numpy as np
+    from onnx import helper
+
+    graph = proto.graph
+    consumers, constants, attr = _graph_index(graph)
+    folded = 0
+    for pad in [n for n in graph.node if n.op_type == "Pad"]:
+        nxt = consumers.get(pad.output[0], [])
+        if len(nxt) != 1 or nxt[0].op_type != "Transpose" or attr(nxt[0], "perm") != [0, 3, 1, 2]:
+            continue
+        transpose = nxt[0]
+        pools = consumers.get(transpose.output[0], [])
+        if len(pools) != 1 or pools[0].op_type != "MaxPool" or len(pad.input) != 3:
+            continue
+        pool = pools[0]
+        pads, value = constants.get(pad.input[1]), constants.get(pad.input[2])
+        if (pads is None or value is None or pads.shape != (8,) or pads[[0, 3, 4, 7]].any()
+                or attr(pad, "mode") not in (None, b"constant") or not np.all(np.isneginf(value))
+                or attr(pool, "auto_pad") not in (None, b"VALID", b"NOTSET")
+                or attr(pool, "pads") is not None):
+            continue
+        transpose.input[0] = pad.input[0]
+        for info in [v for v in graph.value_info if v.name == transpose.output[0]]:
+            graph.value_info.remove(info)  # its recorded shape was the padded one
+        kept = [a for a in pool.attribute if a.name != "auto_pad"]
+        del pool.attribute[:]
+        pool.attribute.extend(kept + [helper.make_attribute(
+            "pads", [int(v) for v in pads[[1, 2, 5, 6]]])])
+        _drop(graph, [pad], consumers)
+        folded += 1
+    return folded
+
+
+def global_average_pool(proto) -> int:
+    """Rewrites each ``Div(ReduceSum(x, axes=[1, 2], keepdims=0), H*W)`` of an NHWC ``x`` (the
+    mean before the classifier) as ``Flatten(GlobalAveragePool(Transpose(x)))``, in place;
+    returns how many. onnxruntime then pools in its blocked layout, as in PyTorch's export."""
+    from onnx import helper
+
+    graph = proto.graph
+    consumers, constants, attr = _graph_index(graph)
+    shapes = {v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]
+              for v in list(graph.value_info) + list(graph.input)}
+    rewritten = 0
+    for total in [n for n in graph.node if n.op_type == "ReduceSum"]:
+        nxt = consumers.get(total.output[0], [])
+        axes = constants.get(total.input[1]) if len(total.input) == 2 else None
+        shape = shapes.get(total.input[0])
+        if (len(nxt) != 1 or nxt[0].op_type != "Div" or axes is None
+                or sorted(axes.tolist()) != [1, 2] or attr(total, "keepdims") != 0
+                or shape is None or len(shape) != 4 or None in shape[1:3]):
+            continue
+        div = nxt[0]
+        divisor = constants.get(div.input[1])
+        if divisor is None or divisor.size != 1 or float(divisor) != shape[1] * shape[2]:
+            continue
+        x, out = total.input[0], div.output[0]
+        at = list(graph.node).index(total)
+        _drop(graph, [total, div], consumers)
+        for k, node in enumerate([
+                helper.make_node("Transpose", [x], [f"{out}_nchw"], perm=[0, 3, 1, 2]),
+                helper.make_node("GlobalAveragePool", [f"{out}_nchw"], [f"{out}_pooled"]),
+                helper.make_node("Flatten", [f"{out}_pooled"], [out], axis=1)]):
+            graph.node.insert(at + k, node)
+        rewritten += 1
+    return rewritten
+
+
+def slice_only_cut_axes(proto) -> int:
+    """Narrows each ``Slice`` over every axis, whose ends come from the input's runtime shape
+    (the symbolic batch), to the axes it cuts, in place; returns how many. The option-A
+    shortcut's strided subsampling then is a plain ``Slice`` of H and W with constant inputs,
+    as in PyTorch's export, instead of a shape computation that splits onnxruntime's blocked
+    layout around it."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    consumers, constants, _ = _graph_index(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    # Each dimension as its size or its symbol ("batch").
+    shapes = {v.name: [d.dim_value or d.dim_param or None for d in v.type.tensor_type.shape.dim]
+              for v in list(graph.value_info) + list(graph.input)}
+    narrowed = 0
+    for node in [n for n in graph.node if n.op_type == "Slice" and len(n.input) == 5]:
+        data, starts, ends, axes, steps = node.input
+        starts, axes, steps = (constants.get(v) for v in (starts, axes, steps))
+        concat = producer.get(ends)
+        dims = shapes.get(data)
+        if (starts is None or axes is None or steps is None or dims is None
+                or concat is None or concat.op_type != "Concat" or len(concat.input) != len(axes)):
+            continue
+        chain, full = [concat], []
+        for i, (axis, part) in enumerate(zip(axes.tolist(), concat.input, strict=True)):
+            gather = producer.get(part)
+            shape = producer.get(gather.input[0]) if gather is not None else None
+            index = constants.get(gather.input[1]) if gather is not None else None
+            # The end is the runtime size of a dimension with the same symbol as this axis.
+            runtime = (gather.op_type == "Gather" and shape is not None
+                       and shape.op_type == "Shape" and index is not None and index.size == 1
+                       and isinstance(dims[axis], str)
+                       and (shapes.get(shape.input[0]) or [None] * 8)[int(index.reshape(-1)[0])] == dims[axis]
+                       ) if gather is not None else False
+            chain += [gather, shape] if runtime else []
+            end = None if runtime else constants.get(part)
+            full.append(starts[i] == 0 and steps[i] == 1 and (runtime or (
+                end is not None and isinstance(dims[axis], int) and end >= dims[axis])))
+        keep = [i for i, f in enumerate(full) if not f]
+        if (not keep or len(keep) == len(full)
+                or any(concat.input[i] not in constants for i in keep)):
+            continue
+        ends = np.concatenate([constants[concat.input[i]].reshape(1) for i in keep])
+        names = []
+        for what, values in (("starts", starts[keep]), ("ends", ends), ("axes", axes[keep]),
+                             ("steps", steps[keep])):
+            names.append(f"{node.output[0]}_{what}")
+            graph.initializer.append(numpy_helper.from_array(values.astype(np.int64), names[-1]))
+        del node.input[1:]
+        node.input.extend(names)
+        chain = list({id(n): n for n in chain}.values())
+        ours = {id(n) for n in chain} | {id(node)}
+        _drop(graph, [n for n in chain if all(id(c) in ours for o in n.output
+                                              for c in consumers.get(o, []))], consumers)
+        narrowed += 1
+    return narrowed
 
 
 def export(arch: str, output: str | os.PathLike, *, format: str, weights=None,

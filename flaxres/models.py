@@ -14,6 +14,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from flaxres import ops
 
@@ -187,7 +188,8 @@ class PadShortcut(nnx.Module):
         self.cin, self.cout, self.stride = cin, cout, stride
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x[:, :: self.stride, :: self.stride, :]
+        s = self.stride  # a strided lax.slice: ONNX's Slice (indexing with steps is a gather)
+        x = lax.slice(x, (0, 0, 0, 0), x.shape, (1, s, s, 1))
         lo = (self.cout - self.cin) // 2
         return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (lo, self.cout - self.cin - lo)))
 

@@ -3,6 +3,7 @@ PyTorch's own ``torch.onnx.export`` of the same weights, one net per block kind;
 artifact, reloaded in a process that cannot import flaxres, gives the jitted model's logits bit
 for bit; bad input is one line and writes nothing. The full tier exports every registered net."""
 
+import collections
 import io
 import subprocess
 import sys
@@ -91,6 +92,16 @@ def test_onnx_in_onnxruntime_equals_flaxres_and_pytorchs_own_export(kind):
                       dynamic_axes={"images": {0: "batch"}})
     theirs = run_onnx(buf.getvalue(), images.transpose(0, 3, 1, 2).copy())
     assert relative(ours, theirs) < 1e-5
+
+    # The graph as PyTorch's: no runtime shape arithmetic, pooling in ONNX's own pooling ops.
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    their_ops = collections.Counter(n.op_type for n in onnx.load_from_string(buf.getvalue())
+                                    .graph.node)
+    assert not ops.keys() & {"Shape", "Gather", "GatherND", "ReduceSum"}, ops
+    assert ops["Conv"] == their_ops["Conv"] and ops["GlobalAveragePool"] == 1, ops
+    assert all(any(a.name == "pads" for a in n.attribute) and n.input[0] in
+               {t.output[0] for t in proto.graph.node if t.op_type == "Transpose"}
+               for n in proto.graph.node if n.op_type == "MaxPool")
 
 
 _RELOAD = textwrap.dedent("""

@@ -223,14 +223,16 @@ def eval_dataset(source, *, size: int, global_batch: int, shard: Shard = Shard()
 
 def iterate(ds: grain.MapDataset, workers: int, prefetch: int = 2) -> grain.DatasetIterator:
     """An iterator whose decoding runs in ``workers`` processes (0: in this one), each making
-    whole batches on one thread, as a ``DataLoader`` worker does (Grain's read threads would
-    multiply with the processes and oversubscribe the cores); its ``get_state()`` /
-    ``set_state()`` are what a checkpoint keeps."""
+    whole batches on one thread and keeping ``prefetch`` of them ready, as a ``DataLoader`` worker
+    does with its ``prefetch_factor`` (Grain's read threads would multiply with the processes
+    and oversubscribe the cores; with one batch in hand a worker idles while its turn waits on a
+    slower one); its ``get_state()`` / ``set_state()`` are what a checkpoint keeps."""
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
     if workers:
         if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags: their defaults
             flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=workers, per_worker_buffer_size=prefetch))
     return iter(it_ds)
 
 

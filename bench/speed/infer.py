@@ -2,6 +2,12 @@
 ONNX export, onnxruntime running PyTorch's own ONNX export, and PyTorch (eager, channels_last,
 torch.compile; the fastest is the column), all with the same weights.
 
+flaxres's column is its serving setup (docs/deploy.md): the model closed over by ``jax.jit`` with
+``CpuOps(pack_weights=True)`` (oneDNN's weight layout made once, at trace time) and JAX's
+synchronous CPU dispatch (``jax_cpu_enable_async_dispatch=False``: the call runs on the calling
+thread, as PyTorch's and onnxruntime's do, so oneDNN's OpenMP team is that one thread's). The
+"flaxres defaults" column is the same jitted model with neither setting, for comparison.
+
     python -m bench.speed.infer --arch resnet20,resnet50 [--rounds 2] [--threads 2] \\
         [--latency-reps 100] [--reps 10] [--json infer.json] [--md infer.md]
 
@@ -31,16 +37,17 @@ from bench.speed.threads import set_threads
 from bench.speed.timing import add_worker_flags, alternate_workers, at_least_one
 from train.config import OneLineParser
 
-COLUMNS = ("flaxres", "ort-flaxres", "ort-torch", "torch-eager", "torch-channels_last",
-           "torch-compile")
-TORCH = COLUMNS[3:]
+COLUMNS = ("flaxres", "flaxres-defaults", "ort-flaxres", "ort-torch", "torch-eager",
+           "torch-channels_last", "torch-compile")
+TORCH = COLUMNS[4:]
 
 
-def _model(arch: str):
-    """The flaxres model (eval mode, oneDNN on the CPU) and its input size."""
+def _model(arch: str, serving: bool = False):
+    """The flaxres model (eval mode, oneDNN on the CPU; packing its weights if ``serving``) and
+    its input size."""
     import flaxres
 
-    model = flaxres.create_model(arch)
+    model = flaxres.create_model(arch, cpu_ops=flaxres.CpuOps(pack_weights=serving))
     model.eval()
     return model, flaxres.default_cfg(arch).input_size
 
@@ -70,10 +77,12 @@ def _predictor(column: str, arch: str, onnx: dict[str, str], threads: int):
     """A function from an NHWC float32 numpy batch to numpy logits."""
     import numpy as np
 
-    if column == "flaxres":
+    if column.startswith("flaxres"):
         import jax
 
-        model, _ = _model(arch)
+        serving = column == "flaxres"
+        jax.config.update("jax_cpu_enable_async_dispatch", not serving)
+        model, _ = _model(arch, serving)
         fn = jax.jit(model)
         return lambda x: np.asarray(fn(x))
     if column.startswith("ort-"):
@@ -172,17 +181,18 @@ def table(arch: str, per: dict, batch: int) -> str:
     """One markdown block per net: the four columns and the two ratios the goals name."""
     fastest = {b: min(TORCH, key=lambda c: per[c][b]["median_ms"]) for b in ("1", str(batch))}
     rows = [f"**{arch}**", "",
-            ("| | flaxres jit | ORT, flaxres ONNX | ORT, PyTorch ONNX | fastest PyTorch | "
-            "flaxres / PyTorch | ORT flaxres / ORT PyTorch |"), "|---|---|---|---|---|---|---|"]
+            ("| | flaxres jit | flaxres jit, defaults | ORT, flaxres ONNX | ORT, PyTorch ONNX | "
+             "fastest PyTorch | flaxres / PyTorch | ORT flaxres / ORT PyTorch |"),
+            "|---|---|---|---|---|---|---|---|"]
     for b, what in (("1", "median ms"), ("1", "p90 ms"), (str(batch), "img/s")):
         key = {"median ms": "median_ms", "p90 ms": "p90_ms", "img/s": "img_s"}[what]
-        vals = [per[c][b][key] for c in ("flaxres", "ort-flaxres", "ort-torch", fastest[b])]
+        vals = [per[c][b][key] for c in (*COLUMNS[:4], fastest[b])]
         # Speed ratios: above 1 means the first is faster.
         ratio = (lambda a, c: a / c) if key == "img_s" else (lambda a, c: c / a)
         rows.append(f"| batch {b}, {what} | " + " | ".join(f"{v:.2f}" if v < 100 else f"{v:.0f}"
                                                             for v in vals)
-                    + f" ({fastest[b].removeprefix('torch-')}) | {ratio(vals[0], vals[3]):.2f}x"
-                    f" | {ratio(vals[1], vals[2]):.2f}x |")
+                    + f" ({fastest[b].removeprefix('torch-')}) | {ratio(vals[0], vals[4]):.2f}x"
+                    f" | {ratio(vals[2], vals[3]):.2f}x |")
     return "\n".join(rows)
 
 
