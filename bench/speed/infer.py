@@ -158,9 +158,9 @@ def run(args: argparse.Namespace) -> dict:
         for arch in args.arch.split(","):
             onnx = export_onnx(arch, Path(tmp))
             size = _model(arch)[1]
-            rounds: dict[str, list[dict]] = {c: [] for c in COLUMNS}
+            rounds: dict[str, list[dict]] = {c: [] for c in args.columns}
             for column, stdout in alternate_workers(
-                    "bench.speed.infer", COLUMNS, args.rounds,
+                    "bench.speed.infer", args.columns, args.rounds,
                     ["--arch", arch, "--onnx", json.dumps(onnx), "--threads", str(args.threads),
                      "--batch", str(args.batch), "--reps", str(args.reps), "--latency-reps",
                      str(args.latency_reps), "--image-size", str(size)]):
@@ -177,29 +177,55 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+NAMES = {"flaxres": "flaxres jit", "flaxres-defaults": "flaxres jit, defaults",
+         "ort-flaxres": "ORT, flaxres ONNX", "ort-torch": "ORT, PyTorch ONNX"}
+
+
 def table(arch: str, per: dict, batch: int) -> str:
-    """One markdown block per net: the four columns and the two ratios the goals name."""
-    fastest = {b: min(TORCH, key=lambda c: per[c][b]["median_ms"]) for b in ("1", str(batch))}
-    rows = [f"**{arch}**", "",
-            ("| | flaxres jit | flaxres jit, defaults | ORT, flaxres ONNX | ORT, PyTorch ONNX | "
-             "fastest PyTorch | flaxres / PyTorch | ORT flaxres / ORT PyTorch |"),
-            "|---|---|---|---|---|---|---|---|"]
+    """One markdown block per net: the columns measured (PyTorch's fastest variant as one) and
+    the two ratios the goals name, where both sides were measured."""
+    torch = [c for c in TORCH if c in per]
+    fastest = {b: min(torch, key=lambda c: per[c][b]["median_ms"]) for b in ("1", str(batch))
+               } if torch else {}
+    shown = [c for c in NAMES if c in per]
+    ratios = [(name, a, c) for name, a, c in (("flaxres / PyTorch", "flaxres", "torch"),
+                                              ("ORT flaxres / ORT PyTorch", "ort-flaxres",
+                                               "ort-torch"))
+              if a in per and (c in per or (c == "torch" and torch))]
+    head = [NAMES[c] for c in shown] + (["fastest PyTorch"] if torch else []) + [r[0] for r in
+                                                                                ratios]
+    rows = [f"**{arch}**", "", "| | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for b, what in (("1", "median ms"), ("1", "p90 ms"), (str(batch), "img/s")):
         key = {"median ms": "median_ms", "p90 ms": "p90_ms", "img/s": "img_s"}[what]
-        vals = [per[c][b][key] for c in (*COLUMNS[:4], fastest[b])]
+        value = {c: per[c][b][key] for c in [*shown, *torch]}
+        value["torch"] = value[fastest[b]] if torch else None
+        cells = [f"{value[c]:.2f}" if value[c] < 100 else f"{value[c]:.0f}" for c in shown]
+        if torch:
+            cells.append(f"{value['torch']:.2f}" if value["torch"] < 100 else
+                         f"{value['torch']:.0f}")
+            cells[-1] += f" ({fastest[b].removeprefix('torch-')})"
         # Speed ratios: above 1 means the first is faster.
-        ratio = (lambda a, c: a / c) if key == "img_s" else (lambda a, c: c / a)
-        rows.append(f"| batch {b}, {what} | " + " | ".join(f"{v:.2f}" if v < 100 else f"{v:.0f}"
-                                                            for v in vals)
-                    + f" ({fastest[b].removeprefix('torch-')}) | {ratio(vals[0], vals[4]):.2f}x"
-                    f" | {ratio(vals[2], vals[3]):.2f}x |")
+        for _, x, y in ratios:
+            cells.append(f"{value[x] / value[y] if key == 'img_s' else value[y] / value[x]:.2f}x")
+        rows.append(f"| batch {b}, {what} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def columns(text: str) -> list[str]:
+    chosen = [c for c in text.split(",") if c]
+    unknown = [c for c in chosen if c not in COLUMNS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"{','.join(unknown) or 'none'}: not among "
+                                         f"{', '.join(COLUMNS)}")
+    return chosen
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(prog="python -m bench.speed.infer", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet20,resnet50", help="comma-separated")
+    p.add_argument("--columns", type=columns, default=",".join(COLUMNS),
+                   help=f"comma-separated, of {', '.join(COLUMNS)} (default: all)")
     add_worker_flags(p, rounds=2, reps=10, reps_help="timed throughput calls per process",
                      batch=64)
     p.add_argument("--latency-reps", type=at_least_one, default=100,
