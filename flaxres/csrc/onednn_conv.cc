@@ -384,28 +384,21 @@ using flaxres::AnyF32, flaxres::Buffer1, flaxres::Buffer4;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_fwd, flaxres::Forward,
                               ffi::Ffi::Bind().Arg<Buffer4>().Arg<Buffer4>().Ret<Buffer4>()
                                   FLAXRES_CONV_ATTRS);
+// x, the weights (HWIO, or packed), mean, inv, bias, residual -> y.
+#define FLAXRES_CONV_BN_BINDING(WEIGHTS)                                                  \
+  ffi::Ffi::Bind()                                                                        \
+      .Arg<Buffer4>()                                                                     \
+      .Arg<WEIGHTS>()                                                                     \
+      .Arg<Buffer1>()                                                                     \
+      .Arg<Buffer1>()                                                                     \
+      .Arg<Buffer1>()                                                                     \
+      .Arg<AnyF32>()                                                                      \
+      .Ret<Buffer4>() FLAXRES_CONV_ATTRS.Attr<int64_t>("relu").Attr<int64_t>("residual")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bn_fwd, flaxres::ForwardBatchNorm,
-                              ffi::Ffi::Bind()
-                                  .Arg<Buffer4>()
-                                  .Arg<Buffer4>()
-                                  .Arg<Buffer1>()
-                                  .Arg<Buffer1>()
-                                  .Arg<Buffer1>()
-                                  .Arg<AnyF32>()
-                                  .Ret<Buffer4>() FLAXRES_CONV_ATTRS
-                                  .Attr<int64_t>("relu")
-                                  .Attr<int64_t>("residual"));
+                              FLAXRES_CONV_BN_BINDING(Buffer4));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxres_onednn_conv_bn_fwd_packed, flaxres::ForwardBatchNormPacked,
-                              ffi::Ffi::Bind()
-                                  .Arg<Buffer4>()
-                                  .Arg<AnyF32>()
-                                  .Arg<Buffer1>()
-                                  .Arg<Buffer1>()
-                                  .Arg<Buffer1>()
-                                  .Arg<AnyF32>()
-                                  .Ret<Buffer4>() FLAXRES_CONV_ATTRS
-                                  .Attr<int64_t>("relu")
-                                  .Attr<int64_t>("residual")
+                              FLAXRES_CONV_BN_BINDING(AnyF32)
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw")
                                   .Attr<int64_t>("o"));
