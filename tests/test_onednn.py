@@ -339,7 +339,9 @@ PACKING_NETS = {  # (builder, image size)
 
 
 @needs_extension
-@pytest.mark.parametrize("kind", list(PACKING_NETS))
+@pytest.mark.parametrize("kind", [  # the default tier keeps one net; --full runs the rest
+    kind if i == 0 else pytest.param(kind, marks=pytest.mark.full)
+    for i, kind in enumerate(PACKING_NETS)])
 def test_weights_packed_at_trace_time_give_the_same_logits_and_gradients(kind):
     """CpuOps(pack_weights=True): a model closed over by jax.jit gets its weights in oneDNN's
     layout once, at trace time (no packing left in the program), with bit-identical logits and
