@@ -181,6 +181,20 @@ def test_batchnorm_eval_mode_uses_running_stats_and_freezes_them():
     assert not np.allclose(model(x[:2])[0], a[0], atol=1e-3)  # train mode: batch statistics
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_a_batchnorm_module_in_eval_mode_normalises_with_its_running_statistics(dtype):
+    """The module itself (pre-activation nets and float64 call it; fp32 convolutions fuse it)."""
+    rng = np.random.default_rng(0)
+    bn = BatchNorm(4)
+    bn.mean[...], bn.var[...] = rng.normal(size=4), rng.uniform(0.5, 2.0, 4)
+    bn.scale[...], bn.bias[...] = rng.uniform(0.5, 1.5, 4), rng.normal(size=4)
+    bn.eval()
+    with jax.enable_x64(dtype == jnp.float64):
+        x = jnp.asarray(rng.normal(size=(3, 5, 5, 4)), dtype)
+        want = (x - bn.mean[...]) / jnp.sqrt(bn.var[...] + 1e-5) * bn.scale[...] + bn.bias[...]
+        np.testing.assert_allclose(bn(x), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", flaxres.list_models())
 def test_eval_and_train_reach_every_batchnorm(name):
     """What eval mode changes, on every net (the parity suite checks eval-mode logits on a
