@@ -269,7 +269,8 @@ def slice_only_cut_axes(proto) -> int:
             runtime = (gather.op_type == "Gather" and shape is not None
                        and shape.op_type == "Shape" and index is not None and index.size == 1
                        and isinstance(dims[axis], str)
-                       and (shapes.get(shape.input[0]) or [None] * 8)[int(index.reshape(-1)[0])] == dims[axis]
+                       and (shapes.get(shape.input[0]) or [None] * 8)[int(index.reshape(-1)[0])]
+                       == dims[axis]
                        ) if gather is not None else False
             chain += [gather, shape] if runtime else []
             end = None if runtime else constants.get(part)

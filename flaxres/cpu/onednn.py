@@ -220,16 +220,20 @@ def _post_attrs(relu: bool, residual) -> dict[str, np.int64]:
     return {"relu": np.int64(relu), "residual": np.int64(residual is not None)}
 
 
+def _residual_operand(residual):
+    """The FFI call's residual buffer: one unused element where there is none."""
+    return np.zeros(1, np.float32) if residual is None else residual
+
+
 def conv_batch_norm_forward(x, w, mean, inv, bias, residual, strides, pads, groups: int = 1,
                             relu: bool = False, threads: int = 0):
     """``[relu]((conv(x, w) - mean) * inv + bias [+ residual])``, an eval-mode BatchNorm (``inv =
     scale * rsqrt(var + eps)``) and what follows it computed as oneDNN post-ops of the
     convolution, so the activation is written once; ``residual`` None or of the output's shape.
     Not differentiable itself (flaxres.ops.conv_batch_norm_eval differentiates it unfused)."""
-    extra = np.zeros(1, np.float32) if residual is None else residual
     return _call(CONV_BN_FORWARD, _f32(_conv_bn_shape(x.shape, w.shape, strides, pads)), x, w,
-                 mean, inv, bias, extra, **_attrs(strides, pads, groups, threads),
-                 **_post_attrs(relu, residual))
+                 mean, inv, bias, _residual_operand(residual),
+                 **_attrs(strides, pads, groups, threads), **_post_attrs(relu, residual))
 
 
 def pack_weights(w, x_shape, strides, pads, groups: int = 1, relu: bool = False,
@@ -257,11 +261,11 @@ def conv_batch_norm_forward_packed(x, packed, w_shape, mean, inv, bias, residual
                                    groups: int = 1, relu: bool = False, threads: int = 0):
     """:func:`conv_batch_norm_forward` with the weights of shape ``w_shape`` already reordered by
     :func:`pack_weights` (for the same input shape, post-ops and threads)."""
-    extra = np.zeros(1, np.float32) if residual is None else residual
     kh, kw, _, o = w_shape
     return _call(CONV_BN_FORWARD_PACKED, _f32(_conv_bn_shape(x.shape, w_shape, strides, pads)),
-                 x, packed, mean, inv, bias, extra, **_attrs(strides, pads, groups, threads),
-                 **_post_attrs(relu, residual), kh=np.int64(kh), kw=np.int64(kw), o=np.int64(o))
+                 x, packed, mean, inv, bias, _residual_operand(residual),
+                 **_attrs(strides, pads, groups, threads), **_post_attrs(relu, residual),
+                 kh=np.int64(kh), kw=np.int64(kw), o=np.int64(o))
 
 
 # ----------------------------------------------------------------------------- BatchNorm

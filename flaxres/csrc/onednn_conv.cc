@@ -250,16 +250,20 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
           a.stride_h, a.stride_w, a.pad_top, a.pad_bottom, a.pad_left, a.pad_right, a.groups};
 }
 
+// `packed_bytes` >= 0: in1 holds that many bytes of weights already in the primitive's layout.
 ffi::Error Run(Kind kind, const Geometry& g, int64_t threads, void* in0, void* in1, void* out,
                int post = 0, std::initializer_list<void*> post_ptrs = {},
-               bool in1_internal = false) {
+               int64_t packed_bytes = -1) {
   if (g.groups < 1 || g.c % g.groups != 0 || g.o % g.groups != 0) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "flaxres oneDNN conv: channels not divisible by groups");
   }
   return flaxres::Guarded("flaxres oneDNN conv", [&] {
-    Execute(Cached(kind, g, post, flaxres::UseThreads(threads)), in0, in1, out, post_ptrs,
-            in1_internal);
+    const Entry& e = Cached(kind, g, post, flaxres::UseThreads(threads));
+    if (packed_bytes >= 0 && size_t(packed_bytes) != e.in1.internal.get_size()) {
+      throw std::invalid_argument("packed weights of another convolution");
+    }
+    Execute(e, in0, in1, out, post_ptrs, packed_bytes >= 0);
   });
 }
 
@@ -278,6 +282,20 @@ int PostOps(int64_t relu, int64_t has_residual) {
 using Buffer1 = ffi::Buffer<ffi::F32, 1>;
 using AnyF32 = ffi::Buffer<ffi::F32>;
 
+// The fused forward on HWIO (packed_bytes < 0) or packed weights.
+ffi::Error RunBatchNorm(const Geometry& g, int64_t threads, Buffer4 x, void* w, Buffer1 mean,
+                        Buffer1 inv, Buffer1 bias, AnyF32 residual, Result4 y, int64_t relu,
+                        int64_t has_residual, int64_t packed_bytes = -1) {
+  if (has_residual && residual.element_count() != y->element_count()) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "flaxres oneDNN conv: the residual must have the output's shape");
+  }
+  return Run(kForwardBatchNorm, g, threads, x.untyped_data(), w, y->untyped_data(),
+             PostOps(relu, has_residual),
+             {mean.untyped_data(), inv.untyped_data(), bias.untyped_data(),
+              residual.untyped_data()}, packed_bytes);
+}
+
 ffi::Error ForwardBatchNorm(Buffer4 x, Buffer4 w, Buffer1 mean, Buffer1 inv, Buffer1 bias,
                             AnyF32 residual, Result4 y, int64_t stride_h, int64_t stride_w,
                             int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
@@ -285,15 +303,8 @@ ffi::Error ForwardBatchNorm(Buffer4 x, Buffer4 w, Buffer1 mean, Buffer1 inv, Buf
                             int64_t has_residual) {
   Attrs a{stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups, threads};
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), a);
-  if (has_residual && residual.element_count() != y->element_count()) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "flaxres oneDNN conv: the residual must have the output's shape");
-  }
-  const int post = PostOps(relu, has_residual);
-  return Run(kForwardBatchNorm, g, threads, x.untyped_data(), w.untyped_data(),
-             y->untyped_data(), post,
-             {mean.untyped_data(), inv.untyped_data(), bias.untyped_data(),
-              residual.untyped_data()});
+  return RunBatchNorm(g, threads, x, w.untyped_data(), mean, inv, bias, residual, y, relu,
+                      has_residual);
 }
 
 ffi::Error ForwardBatchNormPacked(Buffer4 x, AnyF32 packed, Buffer1 mean, Buffer1 inv,
@@ -305,16 +316,8 @@ ffi::Error ForwardBatchNormPacked(Buffer4 x, AnyF32 packed, Buffer1 mean, Buffer
   Attrs a{stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups, threads};
   const int64_t w_dims[4] = {kh, kw, x.dimensions()[3] / (groups > 0 ? groups : 1), o};
   auto g = MakeGeometry(x.dimensions(), ffi::Span<const int64_t>(w_dims, 4), y->dimensions(), a);
-  return flaxres::Guarded("flaxres oneDNN conv", [&] {
-    const Entry& e = Cached(kForwardBatchNorm, g, PostOps(relu, has_residual),
-                            flaxres::UseThreads(threads));
-    if (packed.size_bytes() != e.in1.internal.get_size()) {
-      throw std::invalid_argument("packed weights of another convolution");
-    }
-    Execute(e, x.untyped_data(), packed.untyped_data(), y->untyped_data(),
-            {mean.untyped_data(), inv.untyped_data(), bias.untyped_data(),
-             residual.untyped_data()}, /*in1_internal=*/true);
-  });
+  return RunBatchNorm(g, threads, x, packed.untyped_data(), mean, inv, bias, residual, y, relu,
+                      has_residual, int64_t(packed.size_bytes()));
 }
 
 Geometry PackGeometry(ffi::Span<const int64_t> w, int64_t n, int64_t h, int64_t wd, int64_t ho,
