@@ -126,6 +126,9 @@ def to_onnx(model: ResNet, *, image_size: int, batch: int | None = None, name: s
     fold_max_pool_padding(proto)
     global_average_pool(proto)
     slice_only_cut_axes(proto)
+    subsampling_shortcut_as_convolution(proto)
+    nhwc_input_convolution(proto)
+    _drop_unused_initializers(proto.graph)
     onnx.checker.check_model(proto, full_check=True)
     return proto
 
@@ -160,6 +163,13 @@ def _drop(graph, nodes, consumers) -> None:
         if all(id(c) in dropped for c in consumers.get(name, [])):
             for t in [t for t in graph.initializer if t.name == name]:
                 graph.initializer.remove(t)
+
+
+def _drop_unused_initializers(graph) -> None:
+    """Removes the initializers no node reads (inputs a rewrite replaced)."""
+    used = {name for node in graph.node for name in node.input}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
 
 
 def fold_max_pool_padding(proto) -> int:
@@ -294,6 +304,116 @@ def slice_only_cut_axes(proto) -> int:
                                               for c in consumers.get(o, []))], consumers)
         narrowed += 1
     return narrowed
+
+
+def subsampling_shortcut_as_convolution(proto) -> int:
+    """Rewrites each option-A shortcut, ``Pad`` (zero channels, NHWC) of a strided ``Slice``
+    (every s-th row and column from the first), as a 1x1 ``Conv`` of stride s whose constant
+    0/1 kernel places each channel at its padded position, in NCHW between two ``Transpose``
+    nodes; in place, returns how many. Each output is one input times 1 plus zeros, the same
+    value bit for bit. onnxruntime keeps a convolution in its blocked layout, where a
+    ``Slice`` and a ``Pad`` take the tensor out of it and back, as in PyTorch's export."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    consumers, constants, attr = _graph_index(graph)
+    shapes = {v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]
+              for v in list(graph.value_info) + list(graph.input)}
+    rewritten = 0
+    for cut in [n for n in graph.node if n.op_type == "Slice" and len(n.input) == 5]:
+        nxt = consumers.get(cut.output[0], [])
+        starts, ends, axes, steps = (constants.get(v) for v in cut.input[1:])
+        dims = shapes.get(cut.input[0])
+        if (len(nxt) != 1 or nxt[0].op_type != "Pad" or len(nxt[0].input) != 3
+                or any(v is None for v in (starts, ends, axes, steps)) or dims is None
+                or len(dims) != 4 or None in dims[1:] or sorted(axes.tolist()) != [1, 2]
+                or starts.any() or len(set(steps.tolist())) != 1
+                or any(e < dims[a] for a, e in zip(axes.tolist(), ends.tolist(), strict=True))):
+            continue
+        pad = nxt[0]
+        pads, value = constants.get(pad.input[1]), constants.get(pad.input[2])
+        if (pads is None or value is None or pads.shape != (8,) or pads[[0, 1, 2, 4, 5, 6]].any()
+                or (pads < 0).any() or value.any() or attr(pad, "mode") not in (None, b"constant")):
+            continue
+        channels, before, after = dims[3], int(pads[3]), int(pads[7])
+        kernel = np.zeros((before + channels + after, channels, 1, 1), np.float32)
+        kernel[before + np.arange(channels), np.arange(channels)] = 1
+        out = pad.output[0]
+        kernel_name = f"{out}_kernel"
+        graph.initializer.append(numpy_helper.from_array(kernel, kernel_name))
+        at = list(graph.node).index(cut)
+        _drop(graph, [cut, pad], consumers)
+        stride = int(steps[0])
+        for k, node in enumerate([
+                helper.make_node("Transpose", [cut.input[0]], [f"{out}_nchw"], perm=[0, 3, 1, 2]),
+                helper.make_node("Conv", [f"{out}_nchw", kernel_name], [f"{out}_conv"],
+                                 kernel_shape=[1, 1], strides=[stride, stride]),
+                helper.make_node("Transpose", [f"{out}_conv"], [out], perm=[0, 2, 3, 1])]):
+            graph.node.insert(at + k, node)
+        rewritten += 1
+    return rewritten
+
+
+def nhwc_input_convolution(proto) -> int:
+    """Rewrites the NHWC input's ``Transpose`` to NCHW, where only convolutions consume it, as a
+    ``Reshape`` of each image to one channel of H rows by W*C values (the NHWC memory as it is,
+    no copy) convolved with the same weights laid out along that row: kernel (kh, kw*C),
+    strides (sh, sw*C), pads scaled by C. Each output is the same sum of the same products, and
+    the input needs no transposed copy, which a runtime would make on every call and PyTorch's
+    export (NCHW input) does not have. Returns how many inputs were rewritten, in place."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    consumers, constants, attr = _graph_index(graph)
+    rewritten = 0
+    for value in graph.input:
+        dims = [d.dim_value or None for d in value.type.tensor_type.shape.dim]
+        nxt = consumers.get(value.name, [])
+        if len(dims) != 4 or None in dims[1:] or len(nxt) != 1 or nxt[0].op_type != "Transpose" \
+                or attr(nxt[0], "perm") != [0, 3, 1, 2]:
+            continue
+        transpose, (_, height, width, channels) = nxt[0], dims
+        convs = consumers.get(transpose.output[0], [])
+        if not convs or any(
+                c.op_type != "Conv" or c.input[0] != transpose.output[0]
+                or constants.get(c.input[1]) is None or c.input[1] not in
+                {t.name for t in graph.initializer}
+                or (attr(c, "group") or 1) != 1 or set(attr(c, "dilations") or [1]) != {1}
+                or attr(c, "auto_pad") not in (None, b"NOTSET") for c in convs):
+            continue
+        rows = f"{value.name}_rows"
+        shape = numpy_helper.from_array(np.array([0, 1, height, width * channels], np.int64),
+                                        f"{rows}_shape")
+        graph.initializer.append(shape)
+        for conv in convs:
+            w = constants[conv.input[1]]  # (O, C, kh, kw) -> (O, 1, kh, kw * C): [kw][C] order
+            o, _, kh, kw = w.shape
+            laid = numpy_helper.from_array(
+                np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(o, 1, kh, kw * channels)),
+                f"{conv.input[1]}_rows")
+            graph.initializer.append(laid)
+            sh, sw = attr(conv, "strides") or [1, 1]
+            top, left, bottom, right = attr(conv, "pads") or [0, 0, 0, 0]
+            kept = [a for a in conv.attribute if a.name not in ("strides", "pads", "kernel_shape")]
+            del conv.attribute[:]
+            conv.attribute.extend(kept + [
+                helper.make_attribute("strides", [sh, sw * channels]),
+                helper.make_attribute("pads", [top, left * channels, bottom, right * channels]),
+                helper.make_attribute("kernel_shape", [kh, kw * channels])])
+            old = conv.input[1]
+            conv.input[0], conv.input[1] = rows, laid.name
+            if not any(old in c.input for c in graph.node):
+                for t in [t for t in graph.initializer if t.name == old]:
+                    graph.initializer.remove(t)
+        at = list(graph.node).index(transpose)
+        graph.node.remove(transpose)
+        for info in [v for v in graph.value_info if v.name == transpose.output[0]]:
+            graph.value_info.remove(info)
+        graph.node.insert(at, helper.make_node("Reshape", [value.name, shape.name], [rows]))
+        rewritten += 1
+    return rewritten
 
 
 def export(arch: str, output: str | os.PathLike, *, format: str, weights=None,
