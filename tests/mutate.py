@@ -65,6 +65,7 @@ CONVERT = ("parity/test_layouts.py", "parity/test_convert.py")
 AUGMENT = ("tests/test_augment.py",)
 INIT = ("tests/test_init.py",)
 EVAL = ("tests/test_train.py", "-k", "counts_each_test_image")
+EXPORT = ("tests/test_export.py", "-k", "onnxruntime_equals")
 
 MUTANTS = [
     # Bugs planted by hand in copies of the code.
@@ -257,6 +258,15 @@ _FROM_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}""", CONVERT,
            "self._first = shard.index * self._local", "self._first = 0",
            ("tests/test_input.py", "-k", "share"),
            breaks="each process reads its own rows of every global batch"),
+    Mutant("onnx_shortcut_channels_first", "flaxres/export.py",
+           "kernel[before + np.arange(channels), np.arange(channels)] = 1",
+           "kernel[np.arange(channels), np.arange(channels)] = 1", EXPORT,
+           breaks="the ONNX option-A shortcut's kernel places each channel after the zeros "
+           "before it"),
+    Mutant("onnx_input_row_channels_outer", "flaxres/export.py",
+           "ascontiguousarray(w.transpose(0, 2, 3, 1)", "ascontiguousarray(w.transpose(0, 2, 1, 3)",
+           EXPORT, breaks="the ONNX stem kernel laid along an NHWC row runs over pixels, then "
+           "channels"),
 ]
 
 
