@@ -154,6 +154,12 @@ def _graph_index(graph):
     return consumers, constants, attr
 
 
+def _static_shapes(graph) -> dict[str, list[int | None]]:
+    """Each value's recorded shape, a symbolic or unknown dimension as None."""
+    return {v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]
+            for v in list(graph.value_info) + list(graph.input)}
+
+
 def _drop(graph, nodes, consumers) -> None:
     """Removes ``nodes`` and the initializers only they used."""
     dropped = {id(node) for node in nodes}
@@ -219,8 +225,7 @@ def global_average_pool(proto) -> int:
 
     graph = proto.graph
     consumers, constants, attr = _graph_index(graph)
-    shapes = {v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]
-              for v in list(graph.value_info) + list(graph.input)}
+    shapes = _static_shapes(graph)
     rewritten = 0
     for total in [n for n in graph.node if n.op_type == "ReduceSum"]:
         nxt = consumers.get(total.output[0], [])
@@ -318,8 +323,7 @@ def subsampling_shortcut_as_convolution(proto) -> int:
 
     graph = proto.graph
     consumers, constants, attr = _graph_index(graph)
-    shapes = {v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]
-              for v in list(graph.value_info) + list(graph.input)}
+    shapes = _static_shapes(graph)
     rewritten = 0
     for cut in [n for n in graph.node if n.op_type == "Slice" and len(n.input) == 5]:
         nxt = consumers.get(cut.output[0], [])
@@ -367,9 +371,10 @@ def nhwc_input_convolution(proto) -> int:
 
     graph = proto.graph
     consumers, constants, attr = _graph_index(graph)
+    shapes = _static_shapes(graph)
     rewritten = 0
     for value in graph.input:
-        dims = [d.dim_value or None for d in value.type.tensor_type.shape.dim]
+        dims = shapes[value.name]
         nxt = consumers.get(value.name, [])
         if len(dims) != 4 or None in dims[1:] or len(nxt) != 1 or nxt[0].op_type != "Transpose" \
                 or attr(nxt[0], "perm") != [0, 3, 1, 2]:
@@ -402,11 +407,7 @@ def nhwc_input_convolution(proto) -> int:
                 helper.make_attribute("strides", [sh, sw * channels]),
                 helper.make_attribute("pads", [top, left * channels, bottom, right * channels]),
                 helper.make_attribute("kernel_shape", [kh, kw * channels])])
-            old = conv.input[1]
-            conv.input[0], conv.input[1] = rows, laid.name
-            if not any(old in c.input for c in graph.node):
-                for t in [t for t in graph.initializer if t.name == old]:
-                    graph.initializer.remove(t)
+            conv.input[0], conv.input[1] = rows, laid.name  # the old kernel: dropped unused
         at = list(graph.node).index(transpose)
         graph.node.remove(transpose)
         for info in [v for v in graph.value_info if v.name == transpose.output[0]]:
