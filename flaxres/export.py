@@ -160,19 +160,16 @@ def _static_shapes(graph) -> dict[str, list[int | None]]:
             for v in list(graph.value_info) + list(graph.input)}
 
 
-def _drop(graph, nodes, consumers) -> None:
-    """Removes ``nodes`` and the initializers only they used."""
-    dropped = {id(node) for node in nodes}
+def _drop(graph, nodes) -> None:
+    """Removes ``nodes``; the initializers only they read go at the end of :func:`to_onnx`
+    (:func:`_drop_unused_initializers`)."""
     for node in nodes:
         graph.node.remove(node)
-    for name in {n for node in nodes for n in node.input}:
-        if all(id(c) in dropped for c in consumers.get(name, [])):
-            for t in [t for t in graph.initializer if t.name == name]:
-                graph.initializer.remove(t)
 
 
 def _drop_unused_initializers(graph) -> None:
-    """Removes the initializers no node reads (inputs a rewrite replaced)."""
+    """Removes the initializers no node reads: those of the nodes the rewrites dropped or
+    rewired."""
     used = {name for node in graph.node for name in node.input}
     for t in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(t)
@@ -212,7 +209,7 @@ def fold_max_pool_padding(proto) -> int:
         del pool.attribute[:]
         pool.attribute.extend(kept + [helper.make_attribute(
             "pads", [int(v) for v in pads[[1, 2, 5, 6]]])])
-        _drop(graph, [pad], consumers)
+        _drop(graph, [pad])
         folded += 1
     return folded
 
@@ -241,7 +238,7 @@ def global_average_pool(proto) -> int:
             continue
         x, out = total.input[0], div.output[0]
         at = list(graph.node).index(total)
-        _drop(graph, [total, div], consumers)
+        _drop(graph, [total, div])
         for k, node in enumerate([
                 helper.make_node("Transpose", [x], [f"{out}_nchw"], perm=[0, 3, 1, 2]),
                 helper.make_node("GlobalAveragePool", [f"{out}_nchw"], [f"{out}_pooled"]),
@@ -306,7 +303,7 @@ def slice_only_cut_axes(proto) -> int:
         chain = list({id(n): n for n in chain}.values())
         ours = {id(n) for n in chain} | {id(node)}
         _drop(graph, [n for n in chain if all(id(c) in ours for o in n.output
-                                              for c in consumers.get(o, []))], consumers)
+                                              for c in consumers.get(o, []))])
         narrowed += 1
     return narrowed
 
@@ -347,7 +344,7 @@ def subsampling_shortcut_as_convolution(proto) -> int:
         kernel_name = f"{out}_kernel"
         graph.initializer.append(numpy_helper.from_array(kernel, kernel_name))
         at = list(graph.node).index(cut)
-        _drop(graph, [cut, pad], consumers)
+        _drop(graph, [cut, pad])
         stride = int(steps[0])
         for k, node in enumerate([
                 helper.make_node("Transpose", [cut.input[0]], [f"{out}_nchw"], perm=[0, 3, 1, 2]),
@@ -372,6 +369,7 @@ def nhwc_input_convolution(proto) -> int:
     graph = proto.graph
     consumers, constants, attr = _graph_index(graph)
     shapes = _static_shapes(graph)
+    initializers = {t.name for t in graph.initializer}  # kernels a Constant node holds stay
     rewritten = 0
     for value in graph.input:
         dims = shapes[value.name]
@@ -383,8 +381,7 @@ def nhwc_input_convolution(proto) -> int:
         convs = consumers.get(transpose.output[0], [])
         if not convs or any(
                 c.op_type != "Conv" or c.input[0] != transpose.output[0]
-                or constants.get(c.input[1]) is None or c.input[1] not in
-                {t.name for t in graph.initializer}
+                or c.input[1] not in initializers
                 or (attr(c, "group") or 1) != 1 or set(attr(c, "dilations") or [1]) != {1}
                 or attr(c, "auto_pad") not in (None, b"NOTSET") for c in convs):
             continue
