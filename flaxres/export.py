@@ -15,6 +15,8 @@ precision, so a GPU does not fall back to TF32.
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import os
 import sys
 import tempfile
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flaxres.convert import WeightsError
@@ -32,6 +35,10 @@ from flaxres.registry import create_model, default_cfg
 
 FORMATS = ("onnx", "stablehlo")
 PLATFORMS = ("cpu", "cuda")
+# jax2onnx's graph optimizer takes time that grows faster than linearly with the graph (about 5 s
+# for 60 blocks and 30 s for 100 on a 2-core CPU), so deeper nets convert in segments of at most
+# this many blocks, joined into one graph.
+SEGMENT_BLOCKS = 64
 
 
 class ExportError(ValueError):
@@ -86,14 +93,25 @@ def fold_batch_norm(model: ResNet) -> ResNet:
     return model
 
 
-def forward(model: ResNet) -> Callable[[jax.Array], jax.Array]:
-    """The model's eval-mode forward pass as a pure function of the image batch."""
+def forward(model: ResNet, start: int = 0, stop: int | None = None
+            ) -> Callable[[jax.Array], jax.Array]:
+    """The model's eval-mode forward pass as a pure function of the image batch; with ``start``
+    and ``stop``, of blocks ``start`` to ``stop`` only (:meth:`ResNet.blocks`): from the images
+    through the stem where ``start`` is 0, to the logits through the head where ``stop`` is the
+    last block, NHWC activations in and out between."""
     graphdef, state = nnx.split(model)
+    num_blocks = len(model.blocks())
+    stop = num_blocks if stop is None else stop
 
-    def logits(images: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, state)(images)
+    def segment(x: jax.Array) -> jax.Array:
+        net = nnx.merge(graphdef, state)
+        if start == 0:
+            x = net.forward_stem(x)
+        for block in net.blocks()[start:stop]:
+            x = block(x)
+        return net.forward_head(net.head_norm(x)) if stop == num_blocks else x
 
-    return logits
+    return segment
 
 
 def to_stablehlo(model: ResNet, *, image_size: int, batch: int | None = None,
@@ -105,32 +123,92 @@ def to_stablehlo(model: ResNet, *, image_size: int, batch: int | None = None,
         return jax.export.export(jax.jit(forward(model)), platforms=platforms)(spec)
 
 
-def to_onnx(model: ResNet, *, image_size: int, batch: int | None = None, name: str = "flaxres"):
+def to_onnx(model: ResNet, *, image_size: int, batch: int | None = None, name: str = "flaxres",
+            segment_blocks: int = SEGMENT_BLOCKS):
     """The forward pass, BatchNorm folded (:func:`fold_batch_norm`), as an ONNX ``ModelProto``
-    (jax2onnx), checked by ``onnx.checker`` with shape inference. A JAX operation jax2onnx has no
-    ONNX form for, or a missing ``export`` extra, is an :class:`ExportError` naming it."""
+    (jax2onnx), checked by ``onnx.checker`` with shape inference. A net of more than
+    ``segment_blocks`` blocks converts in as few equal segments as that allows, joined at NCHW
+    activations. A JAX operation jax2onnx has no ONNX form for, or a missing ``export`` extra, is
+    an :class:`ExportError` naming it."""
     try:
         import onnx
         from jax2onnx import to_onnx as jax2onnx
     except ImportError as e:
         raise ExportError(f"--format onnx needs {e.name}: pip install 'flaxres[export]'") from None
 
-    try:
-        proto = jax2onnx(forward(fold_batch_norm(model)),
-                         [(batch or "batch", image_size, image_size, 3)],
-                         model_name=name, input_names=["images"], output_names=["logits"])
-    except NotImplementedError as e:
-        primitive = str(e).rsplit("primitive", 1)[-1].strip(" '\"")
-        raise ExportError(f"--format onnx: jax2onnx has no ONNX form for the JAX operation "
-                          f"{primitive!r} in {name}") from None
+    model = fold_batch_norm(model)
+    num_blocks = len(model.blocks())
+    cuts = np.linspace(0, num_blocks, -(-num_blocks // segment_blocks) + 1).round().astype(int)
+    shape = (batch or "batch", image_size, image_size, 3)
+    segments = []
+    for i, (start, stop) in enumerate(itertools.pairwise(cuts.tolist())):
+        first, last = start == 0, stop == num_blocks
+        fn = forward(model, start, stop)
+        try:
+            segment = jax2onnx(fn, [shape], model_name=name,
+                               input_names=["images" if first else f"block{start}"],
+                               output_names=["logits" if last else f"block{stop}"],
+                               inputs_as_nchw=None if first else [0],
+                               outputs_as_nchw=None if last else [0])
+        except NotImplementedError as e:
+            primitive = str(e).rsplit("primitive", 1)[-1].strip(" '\"")
+            raise ExportError(f"--format onnx: jax2onnx has no ONNX form for the JAX operation "
+                              f"{primitive!r} in {name}") from None
+        if len(cuts) > 2:
+            segment = onnx.compose.add_prefix(segment, f"segment{i}/", rename_inputs=False,
+                                              rename_outputs=False)
+        segments.append(segment)
+        shape = jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *shape[1:]), jnp.float32)).shape
+        shape = (batch or "batch", *shape[1:])
+    proto = functools.reduce(_join, segments)
     fold_max_pool_padding(proto)
     global_average_pool(proto)
     slice_only_cut_axes(proto)
     subsampling_shortcut_as_convolution(proto)
     nhwc_input_convolution(proto)
+    cancel_inverse_transposes(proto)
     _drop_unused_initializers(proto.graph)
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def _join(head, tail):
+    """``head`` followed by ``tail``, whose only input is ``head``'s only output (the same name,
+    a segment's NCHW activations): one model, the seam's shape kept as a ``value_info``."""
+    import onnx
+
+    seam = head.graph.output[0]
+    joined = onnx.compose.merge_models(head, tail, io_map=[(seam.name, seam.name)])
+    joined.graph.value_info.append(seam)
+    return joined
+
+
+def cancel_inverse_transposes(proto) -> int:
+    """Reads each ``Transpose`` of a ``Transpose`` that undoes it as the first one's input, in
+    place; returns how many. A segment's NCHW output read back as NHWC by the next segment
+    (:data:`SEGMENT_BLOCKS`) leaves such pairs at the seams; the dropped ones go at the end of
+    :func:`to_onnx`."""
+    graph = proto.graph
+    consumers, _, attr = _graph_index(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    outputs = {v.name for v in graph.output}
+    cancelled = []
+    for node in [n for n in graph.node if n.op_type == "Transpose"]:
+        before = producer.get(node.input[0])
+        if before is None or before.op_type != "Transpose" or node.output[0] in outputs:
+            continue
+        perm, first = attr(node, "perm"), attr(before, "perm")
+        if perm is None or first is None or [first[p] for p in perm] != list(range(len(perm))):
+            continue
+        for reader in consumers.get(node.output[0], []):
+            reader.input[:] = [before.input[0] if v == node.output[0] else v
+                               for v in reader.input]
+        cancelled.append(node)
+    _drop(graph, cancelled)
+    read = {name for node in graph.node for name in node.input} | outputs
+    _drop(graph, [n for n in {id(producer[n.input[0]]): producer[n.input[0]]
+                              for n in cancelled}.values() if n.output[0] not in read])
+    return len(cancelled)
 
 
 def _graph_index(graph):

@@ -380,16 +380,24 @@ class ResNet(nnx.Module):
             raise ValueError(f"input spatial size {x.shape[1:3]} is too small: this net "
                              f"downsamples by {min_hw}; use at least {min_hw}x{min_hw}")
 
+    def forward_stem(self, x: jax.Array) -> jax.Array:
+        """The stem's output: the first convolution (with its BN-ReLU unless pre-activation) and
+        the ImageNet stem's max pool."""
+        self.check_input(x)
+        x = x.astype(self.dtype)
+        x = self.conv1(x) if self.preact else _conv_bn(self.conv1, self.bn1, x, relu=True)
+        return max_pool_3x3_s2(x) if self.stem == "imagenet" else x
+
+    def blocks(self) -> list[BasicBlock]:
+        """Every residual block, in order through the stages."""
+        return [blk for stage in self.stages() for blk in stage]
+
     def features(self, x: jax.Array, every_block: bool = False,
                  rngs: nnx.Rngs | None = None) -> list[jax.Array]:
         """Stem output and each stage's output, for per-stage parity checks; with
         ``every_block`` each block's output instead of each stage's, so a study can follow the
         activations through the depth of the net (``train.probe``). ``rngs`` draws dropout."""
-        self.check_input(x)
-        x = x.astype(self.dtype)
-        x = self.conv1(x) if self.preact else _conv_bn(self.conv1, self.bn1, x, relu=True)
-        if self.stem == "imagenet":
-            x = max_pool_3x3_s2(x)
+        x = self.forward_stem(x)
         outs = [x]
         for stage in self.stages():
             for blk in stage:
