@@ -66,6 +66,7 @@ AUGMENT = ("tests/test_augment.py",)
 INIT = ("tests/test_init.py",)
 EVAL = ("tests/test_train.py", "-k", "counts_each_test_image")
 EXPORT = ("tests/test_export.py", "-k", "onnxruntime_equals")
+SEGMENTS = ("tests/test_export.py", "-k", "in_segments")
 
 MUTANTS = [
     # Bugs planted by hand in copies of the code.
@@ -267,6 +268,14 @@ _FROM_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}""", CONVERT,
            "ascontiguousarray(w.transpose(0, 2, 3, 1)", "ascontiguousarray(w.transpose(0, 2, 1, 3)",
            EXPORT, breaks="the ONNX stem kernel laid along an NHWC row runs over pixels, then "
            "channels"),
+    Mutant("onnx_segment_reads_nhwc", "flaxres/export.py",
+           "inputs_as_nchw=None if first else [0]", "inputs_as_nchw=None", SEGMENTS,
+           breaks="each ONNX segment after the first reads the NCHW activations its predecessor "
+           "writes"),
+    Mutant("onnx_seam_transposes_kept", "flaxres/export.py",
+           "[first[p] for p in perm] != list(range(len(perm)))",
+           "[p for p in perm] != list(range(len(perm)))", SEGMENTS,
+           breaks="the Transpose pairs at the seams of a segmented ONNX conversion cancel"),
 ]
 
 
