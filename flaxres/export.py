@@ -35,9 +35,9 @@ from flaxres.registry import create_model, default_cfg
 
 FORMATS = ("onnx", "stablehlo")
 PLATFORMS = ("cpu", "cuda")
-# jax2onnx's graph optimizer takes time that grows faster than linearly with the graph (about 5 s
-# for 60 blocks and 30 s for 100 on a 2-core CPU), so deeper nets convert in segments of at most
-# this many blocks, joined into one graph.
+# jax2onnx's graph optimizer takes time that grows much faster than the graph (its transpose pass
+# re-sweeps the graph and rebuilds a set of every node for each lookup), so deeper nets convert in
+# segments of at most this many blocks, joined into one graph.
 SEGMENT_BLOCKS = 64
 
 
