@@ -169,13 +169,9 @@ _FROM_TORCH = {"conv": (3, 2, 1, 0), "linear": (1, 0)}""", CONVERT,
            "return optax.constant_schedule(factor * base_lr)",
            "return optax.constant_schedule(base_lr)", SCHEDULES,
            breaks="warm-up runs at lr / 10"),
-    Mutant("features_stem_before_maxpool", "flaxres/models.py",
-           """            x = max_pool_3x3_s2(x)
-        outs = [x]""",
-           """            outs = [x]
-            x = max_pool_3x3_s2(x)
-        outs = outs if self.stem == "imagenet" else [x]""", MODELS,
-           breaks="the stem feature is taken after the max-pool"),
+    Mutant("stem_without_maxpool", "flaxres/models.py",
+           'return max_pool_3x3_s2(x) if self.stem == "imagenet" else x', "return x", MODELS,
+           breaks="the ImageNet stem ends with its max-pool"),
     Mutant("linear_kernel_not_transposed", "flaxres/convert.py",
            '_FROM_TORCH = {"conv": (2, 3, 1, 0), "linear": (1, 0)}',
            '_FROM_TORCH = {"conv": (2, 3, 1, 0), "linear": (0, 1)}', CONVERT,
