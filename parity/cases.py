@@ -103,14 +103,16 @@ REPRESENTATIVE = frozenset({"resnet20", "resnet50", "resnext29_8x64d", "plain20[
 # Nets whose per-net fp32 checks run with ``--full`` only, which keeps the default tier within
 # its 8 minutes on two cores: the zoo's wide, pre-activation and 64x4d nets (the default tier
 # proves their block kinds on TRAJ_TINY's pre-activation nets, in float64 and fp32), and the
-# deepest net of each family, whose blocks the default tier checks in a shallower net of the
-# same kind (resnet50 and resnet50_cifar for the 101 and 152 layers, resnet110 for resnet1202,
-# resnext50_32x4d and resnext29_8x64d for the larger ResNeXts); these took a quarter of a cold
-# default tier.
+# deepest nets of each family, whose blocks the default tier checks in a shallower net of the
+# same kind (resnet50 for the ImageNet 101 and 152 layers, resnet50_cifar for the CIFAR
+# bottleneck nets resnet101/152_cifar and resnet164, resnet110 for resnet1202, resnext29_8x64d
+# with resnet50's ImageNet stem for the other ResNeXts); these took a third of a cold default
+# tier.
 FULL_ONLY = frozenset({"wide_resnet50_2", "wide_resnet101_2", "resnext101_64x4d",
                        "preact_resnet18", "preact_resnet110", "preact_resnet164", "wrn28_10",
                        "wrn16_8", "wrn40_4", "resnet101", "resnet152", "resnet101_cifar",
-                       "resnet152_cifar", "resnet1202", "resnext101_32x8d", "resnext29_16x64d"})
+                       "resnet152_cifar", "resnet164", "resnet1202", "resnext50_32x4d",
+                       "resnext101_32x8d", "resnext29_16x64d"})
 # The jitted-blocks path against the plain un-jitted model: every stem, block and norm kind.
 BLOCKWISE_DEFAULT = ("resnet20", "plain20[norm=False]", "resnet20[shortcut=C]")
 BLOCKWISE_FULL = ("resnet18", "resnext29_8x64d", "resnet164")

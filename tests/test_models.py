@@ -1,5 +1,6 @@
 """Unit tests for the model zoo: sizes, blocks, shortcuts, stems, BatchNorm modes, dtypes, errors."""
 
+import functools
 import math
 
 import jax
@@ -40,17 +41,25 @@ CIFAR_COUNTS = {
 }
 
 
-def shapes_only(name: str, **kw) -> flaxres.ResNet:
-    """The model's structure without computing its weights (counts need only shapes)."""
-    return nnx.eval_shape(lambda: flaxres.create_model(name, **kw))
+@functools.cache
+def shapes_only(name: str) -> flaxres.ResNet:
+    """The model's structure without computing its weights (counts need only shapes), built once
+    per worker for the per-architecture tests (``by_name`` keeps them on one worker)."""
+    return nnx.eval_shape(lambda: flaxres.create_model(name))
 
 
-@pytest.mark.parametrize("name,count", sorted(IMAGENET_COUNTS.items()))
+def by_name(params) -> list:
+    """Each parameter tuple in the xdist group of its architecture (its first value), so that the
+    per-architecture tests share one :func:`shapes_only` build."""
+    return [pytest.param(*p, marks=pytest.mark.xdist_group(f"shapes-{p[0]}")) for p in params]
+
+
+@pytest.mark.parametrize("name,count", by_name(sorted(IMAGENET_COUNTS.items())))
 def test_imagenet_param_counts(name, count):
     assert flaxres.count_params(shapes_only(name)) == count  # 1000 classes by default
 
 
-@pytest.mark.parametrize("name", flaxres.list_models())
+@pytest.mark.parametrize("name", by_name((n,) for n in flaxres.list_models()))
 def test_each_architecture_carries_its_defaults(name):
     cfg = flaxres.default_cfg(name)
     imagenet = flaxres.model_stem(name) == "imagenet"
@@ -61,7 +70,7 @@ def test_each_architecture_carries_its_defaults(name):
     assert shapes_only(name).fc.kernel.shape[-1] == cfg.num_classes
 
 
-@pytest.mark.parametrize("name,count", sorted(CIFAR_COUNTS.items()))
+@pytest.mark.parametrize("name,count", by_name(sorted(CIFAR_COUNTS.items())))
 def test_cifar_param_counts(name, count):
     assert flaxres.count_params(shapes_only(name)) == count
 
@@ -70,7 +79,7 @@ def test_every_registered_name_is_counted():
     assert set(flaxres.list_models()) == set(IMAGENET_COUNTS) | set(CIFAR_COUNTS)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet164", "resnet18_cifar",
+@pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet50_cifar", "resnet18_cifar",
                                   "resnet18", "resnext29_8x64d", "preact_resnet164", "wrn16_8"])
 def test_forward_shapes_and_dtype(name):
     """Traced, not run: the parity suite runs every registered net's forward."""
@@ -195,7 +204,7 @@ def test_a_batchnorm_module_in_eval_mode_normalises_with_its_running_statistics(
         np.testing.assert_allclose(bn(x), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", flaxres.list_models())
+@pytest.mark.parametrize("name", by_name((n,) for n in flaxres.list_models()))
 def test_eval_and_train_reach_every_batchnorm(name):
     """What eval mode changes, on every net (the parity suite checks eval-mode logits on a
     representative set by default)."""
