@@ -184,10 +184,10 @@ def _join(head, tail):
 
 
 def cancel_inverse_transposes(proto) -> int:
-    """Reads each ``Transpose`` of a ``Transpose`` that undoes it as the first one's input, in
-    place; returns how many. A segment's NCHW output read back as NHWC by the next segment
-    (:data:`SEGMENT_BLOCKS`) leaves such pairs at the seams; the dropped ones go at the end of
-    :func:`to_onnx`."""
+    """Removes each ``Transpose`` that undoes the ``Transpose`` it reads, its readers reading
+    that one's input instead, and the first one where nothing else reads it; in place, returns
+    how many. A segment's NCHW output read back as NHWC by the next segment
+    (:data:`SEGMENT_BLOCKS`) leaves such pairs at the seams."""
     graph = proto.graph
     consumers, _, attr = _graph_index(graph)
     producer = {out: node for node in graph.node for out in node.output}
