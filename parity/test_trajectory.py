@@ -2,10 +2,11 @@
 
 Default tier: one tiny net per block kind (``parity.cases.TRAJ_TINY``: Basic with shortcuts
 A/B/C, plain without BatchNorm, Bottleneck, grouped, ImageNet stem), 20 steps with a warm-up and
-two lr drops, in float64 (the whole trajectory: the proof) and fp32 (PyTorch's step from flaxres
-fp32's own weights at probed steps, ``Case.check_trajectory_steps``). ``--full``: every
-registered architecture as well, over the 5 steps of ``parity.cases.TRAJ_SHORT`` (a gentler lr
-for the ImageNet-stem bottleneck nets, ``TRAJ_GENTLE``).
+two lr drops, in float64 (the whole trajectory: the proof). ``--full`` adds them in fp32
+(PyTorch's step from flaxres fp32's own weights at probed steps,
+``Case.check_trajectory_steps``) and every registered architecture, over the 5 steps of
+``parity.cases.TRAJ_SHORT`` (a gentler lr for the ImageNet-stem bottleneck nets,
+``TRAJ_GENTLE``).
 """
 
 import numpy as np
@@ -25,12 +26,15 @@ def tiny(request) -> Case:
 
 
 @pytest.mark.parametrize("tiny", list(_TINY), indirect=True)
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", [pytest.param(p, marks=[pytest.mark.full] if p == "fp32"
+                                                    else []) for p in PRECISIONS])
 def test_tiny_trajectory(tiny: Case, precision: str):
     assert_measures(*tiny.check_trajectory(precision))
 
 
-@pytest.mark.parametrize("tiny", ["tiny-basic-A", "tiny-bottleneck-B"], indirect=True)
+@pytest.mark.parametrize("tiny", ["tiny-basic-A", pytest.param("tiny-bottleneck-B",
+                                                                marks=pytest.mark.full)],
+                         indirect=True)
 def test_momentum_and_weight_decay_matter(tiny: Case):
     """At the trajectory's lr, dropping momentum or weight decay moves PyTorch's own float64
     result by far more than the tolerance, over the whole trajectory and in one probed step:
