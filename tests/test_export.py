@@ -107,7 +107,7 @@ def test_onnx_in_onnxruntime_equals_flaxres_and_pytorchs_own_export(kind):
                for n in proto.graph.node if n.op_type == "MaxPool")
 
 
-@pytest.mark.parametrize("kind,segment_blocks", [("basic, option-A shortcut", 2),
+@pytest.mark.parametrize("kind,segment_blocks", [("basic, option-A shortcut", 3),
                                                   ("bottleneck, ImageNet stem", 1)])
 def test_a_net_converted_in_segments_is_the_same_graph_and_function(kind, segment_blocks):
     # Nets deeper than export.SEGMENT_BLOCKS convert in segments joined at NCHW activations; here
