@@ -102,7 +102,7 @@ BY_ID = {a.id: a for a in CASES}
 REPRESENTATIVE = frozenset({"resnet20", "resnet50", "resnext29_8x64d", "plain20[norm=False]"})
 # Nets whose per-net fp32 checks run with ``--full`` only, which keeps the default tier within
 # its 8 minutes on two cores: the zoo's wide, pre-activation and 64x4d nets (the default tier
-# proves their block kinds on TRAJ_TINY's pre-activation nets, in float64 and fp32), and the
+# proves their block kinds on TRAJ_TINY's pre-activation nets, in float64), and the
 # deepest nets of each family, whose blocks the default tier checks in a shallower net of the
 # same kind (resnet50 for the ImageNet 101 and 152 layers, resnet50_cifar for the CIFAR
 # bottleneck nets resnet101/152_cifar and resnet164, resnet110 for resnet1202, resnext29_8x64d
